@@ -1,0 +1,111 @@
+"""Shared fixtures: the real services (a missing one fails the run, never skips it), an
+isolated database and isolated queue names per test, and the shared vectors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: ``../shared`` beside the checkout (CI puts it there); FORGE_WORKER_SHARED overrides
+SHARED = Path(os.environ.get("FORGE_WORKER_SHARED", ROOT.parent / "shared"))
+VECTORS = SHARED / "vectors"
+
+AMQP_URL = os.environ.get("FORGE_WORKER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+ADMIN_DSN = os.environ.get(
+    "FORGE_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _require(url: str, what: str) -> None:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port
+    assert port is not None
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        pytest.fail(
+            f"{what} is not reachable at {host}:{port} ({exc}); start it, the tests "
+            "never skip a missing service",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    """The shared test vectors; their absence fails the test."""
+    if not VECTORS.is_dir():
+        pytest.fail(f"shared vectors not found at {VECTORS}", pytrace=False)
+    return VECTORS
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    _require(AMQP_URL, "RabbitMQ")
+    return AMQP_URL
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> str:
+    _require(ADMIN_DSN, "PostgreSQL")
+    return ADMIN_DSN
+
+
+@pytest.fixture
+async def database_url(admin_dsn: str) -> AsyncIterator[str]:
+    """A fresh, empty database for this test, dropped afterwards."""
+    name = f"fw_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    parts = urlsplit(admin_dsn)
+    yield urlunsplit(parts._replace(path="/" + name))
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def queue_name() -> Iterator[str]:
+    """A unique inbox name for this test; its derived queues share the prefix."""
+    yield f"fwtest.{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def amqp(
+    amqp_url: str, queue_name: str
+) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    """A connection for the test's own use; deletes every queue named after ``queue_name``."""
+    conn = await aio_pika.connect_robust(amqp_url)
+    yield conn
+    await delete_queues(conn, queue_name)
+    await conn.close()
+
+
+async def delete_queues(conn: aio_pika.abc.AbstractConnection, prefix: str) -> None:
+    """Delete the inbox ``prefix`` and every queue derived from it (best effort)."""
+    from worker.topology import DEFAULT_RETRY_DELAYS, dead_letter_name, retry_names
+
+    names = [prefix, dead_letter_name(prefix), f"{prefix}.receipts", *retry_names(prefix)]
+    names += retry_names(prefix, DEFAULT_RETRY_DELAYS)
+    for name in dict.fromkeys(names):
+        ch = await conn.channel()
+        try:
+            await ch.queue_delete(name)
+        except Exception:  # a queue that was never declared is fine
+            pass
+        finally:
+            if not ch.is_closed:
+                await ch.close()

@@ -1,0 +1,200 @@
+"""``forge-worker``: argparse subcommands, named exit codes, one place that turns errors into them.
+
+Each command's work lives in its own module and is imported only when that command runs;
+a handler takes the parsed arguments and the settings and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Final, Protocol
+
+from worker import config
+from worker.errors import ConfigError, Unreachable
+
+EXIT_OK: Final = 0
+#: a check failed (an invalid invocation in ``inspect``, a receipt with an error, ...)
+EXIT_CHECK_FAILED: Final = 1
+#: usage or configuration error
+EXIT_USAGE: Final = 2
+#: the broker or the database cannot be reached
+EXIT_UNREACHABLE: Final = 3
+
+#: command -> "module:function" of its handler
+HANDLERS: Final = {
+    "run": "worker.app:run_main",
+    "migrate": "worker.store:migrate_main",
+    "inspect": "worker.inspect:inspect_main",
+    "status": "worker.ops:status_main",
+    "dlq": "worker.ops:dlq_main",
+    "keygen": "worker.producer:keygen_main",
+    "delegate": "worker.producer:delegate_main",
+    "enqueue": "worker.producer:enqueue_main",
+}
+
+
+class Handler(Protocol):
+    def __call__(self, args: argparse.Namespace, settings: config.Settings) -> int: ...
+
+
+def _setting_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """Add ``--flag`` for each setting (all, or those in ``names``); flags win over variables."""
+    group = parser.add_argument_group("configuration (each also FORGE_WORKER_<NAME>)")
+    for attr, var, help_text in config.setting_fields():
+        if names is not None and attr not in names:
+            continue
+        group.add_argument(
+            "--" + attr.replace("_", "-"),
+            dest="cfg_" + attr,
+            metavar=attr.upper(),
+            help=f"{help_text} [{var}]",
+        )
+
+
+_BROKER: Final = ("amqp_url", "database_url", "queue", "receipt_queue", "log_format")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    p = argparse.ArgumentParser(
+        prog="forge-worker",
+        description="The Forge upload service's RabbitMQ inbox for signed UCAN /customer/add "
+        "invocations.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="consume, validate, upsert, receipt, ack")
+    _setting_flags(run)
+
+    mig = sub.add_parser("migrate", help="apply pending database migrations and exit")
+    _setting_flags(mig, ("database_url", "log_format"))
+
+    ins = sub.add_parser("inspect", help="decode and validate a request body or token file offline")
+    ins.add_argument("file", metavar="FILE", help="request body or token ('-' for stdin)")
+    ins.add_argument("--now", type=int, metavar="UNIX", help="validate at this time (default: now)")
+    ins.add_argument("--service-did", metavar="DID", help="also check each invocation's audience")
+    ins.add_argument(
+        "--clock-skew",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="leeway on exp/nbf (default 0: exactly ucantone)",
+    )
+    ins.add_argument("--json", action="store_true", help="print one JSON document")
+
+    st = sub.add_parser("status", help="depth and consumers of the worker's queues")
+    st.add_argument("--json", action="store_true", help="print one JSON document")
+    _setting_flags(st, (*_BROKER, "retry_delays"))
+
+    dlq = sub.add_parser("dlq", help="inspect, replay and purge dead letters")
+    dsub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    for name, help_text in (
+        ("list", "list dead letters with their reasons"),
+        ("show", "decode one dead letter"),
+        ("replay", "move dead letters back to the inbox (confirm, then ack)"),
+        ("purge", "delete dead letters"),
+    ):
+        d = dsub.add_parser(name, help=help_text)
+        _setting_flags(d, (*_BROKER, "retry_delays"))
+        if name == "show":
+            d.add_argument("id", metavar="ID", help="dead letter id (from dlq list)")
+            d.add_argument("--json", action="store_true", help="print one JSON document")
+            continue
+        d.add_argument("--limit", type=int, metavar="N", help="at most N messages")
+        d.add_argument("--json", action="store_true", help="print one JSON document")
+        if name in ("replay", "purge"):
+            d.add_argument("--all", action="store_true", help="every dead letter")
+            d.add_argument("--id", nargs="+", default=[], metavar="ID", help="these dead letters")
+            d.add_argument("--reason", metavar="REASON", help="only those dead-lettered for this")
+            d.add_argument(
+                "--since",
+                metavar="WHEN",
+                help="only those dead-lettered since (unix seconds or ISO 8601)",
+            )
+        if name == "replay":
+            d.add_argument("--dry-run", action="store_true", help="show what would move")
+            d.add_argument(
+                "--rate",
+                type=float,
+                default=100.0,
+                metavar="PER_SECOND",
+                help="replay at most this many messages a second (default 100)",
+            )
+        if name == "purge":
+            d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    kg = sub.add_parser("keygen", help="a new Ed25519 key and its DID")
+    kg.add_argument("--json", action="store_true", help="print one JSON document")
+
+    dg = sub.add_parser("delegate", help="sign a delegation with the service key")
+    dg.add_argument("--key", required=True, metavar="KEY", help="the issuer's key (the service)")
+    dg.add_argument("--to", required=True, metavar="DID", help="audience of the delegation")
+    dg.add_argument("--command", required=True, metavar="CMD", help="e.g. /customer/add")
+    dg.add_argument("--expires-in", type=int, metavar="SECONDS", help="default: never expires")
+    dg.add_argument("--subject", metavar="DID", help="subject (default: the issuer's DID)")
+    dg.add_argument("--issuer-did", metavar="DID", help="act as this DID (e.g. did:web)")
+    dg.add_argument("--policy", metavar="JSON", help="policy statements as JSON")
+    dg.add_argument("--out", required=True, metavar="FILE", help="write the container here")
+
+    eq = sub.add_parser("enqueue", help="publish /customer/add and optionally await its receipt")
+    eq.add_argument("--key", required=True, metavar="KEY", help="the producer's key")
+    eq.add_argument("--proof", metavar="FILE", help="container with the delegation chain")
+    eq.add_argument("--service", required=True, metavar="DID", help="the worker's service DID")
+    eq.add_argument("--customer", metavar="DID", help="customer DID")
+    eq.add_argument("--product", metavar="DID", help="product DID")
+    eq.add_argument("--external-account", metavar="X", help="payment system account id")
+    eq.add_argument("--detail", action="append", default=[], metavar="K=V", help="a details entry")
+    eq.add_argument(
+        "--from", dest="from_file", metavar="FILE", help="bulk: NDJSON or CSV of registrations"
+    )
+    eq.add_argument("--results", metavar="FILE", help="bulk: write one outcome per line here")
+    eq.add_argument("--concurrency", type=int, default=32, metavar="N", help="bulk: in flight")
+    eq.add_argument(
+        "--expires-in",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="invocation lifetime (default 300)",
+    )
+    eq.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --wait: how long to wait for the receipt",
+    )
+    eq.add_argument("--wait", action="store_true", help="wait for the verified receipt")
+    eq.add_argument("--json", action="store_true", help="print one JSON document")
+    _setting_flags(eq, ("amqp_url", "queue", "log_format"))
+    return p
+
+
+def _handler(command: str) -> Handler:
+    module, _, func = HANDLERS[command].partition(":")
+    handler: Handler = getattr(importlib.import_module(module), func)
+    return handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``forge-worker`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = {k.removeprefix("cfg_"): v for k, v in vars(args).items() if k.startswith("cfg_")}
+    try:
+        settings = config.load(overrides=overrides)
+        return _handler(args.command)(args, settings)
+    except ConfigError as exc:
+        print(f"forge-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Unreachable as exc:
+        print(f"forge-worker: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Settings: the only reader of the environment.
+
+Every setting has an environment variable (``FORGE_WORKER_*``) and a ``run`` flag of the
+same name (``--amqp-url`` for ``FORGE_WORKER_AMQP_URL``); a flag wins over the variable.
+A bad value raises :class:`~worker.errors.ConfigError` with one line naming the variable.
+The service key is held as a secret: it never appears in ``repr`` or in an error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from worker.errors import ConfigError
+from worker.topology import DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_DELAYS
+
+PREFIX: Final = "FORGE_WORKER_"
+DEFAULT_KEY_PATH: Final = Path(".forge-worker/service.key")
+
+
+class Secret(str):
+    """A string that does not show itself in ``repr`` or ``str`` of containers."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"expected a {'/'.join(schemes)} URL with a host")
+        return raw
+
+    return parse
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"expected an integer from {lo} to {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _delays(raw: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(p) for p in raw.replace(" ", "").split(",") if p)
+    except ValueError:
+        raise ValueError(f"expected comma-separated seconds such as 1,5,30, got {raw!r}") from None
+    if not values or any(v <= 0 for v in values) or list(values) != sorted(set(values)):
+        raise ValueError(f"expected increasing positive seconds such as 1,5,30, got {raw!r}")
+    return values
+
+
+def _queue_name(raw: str) -> str:
+    name = raw.strip()
+    if not name or len(name) > 200 or name.startswith("amq."):
+        raise ValueError(f"expected a queue name (1-200 chars, not amq.*), got {raw!r}")
+    return name
+
+
+def _did(raw: str) -> str:
+    if not raw.startswith("did:") or raw.count(":") < 2 or any(c.isspace() for c in raw):
+        raise ValueError(f"expected a DID such as did:web:upload.example, got {raw!r}")
+    return raw
+
+
+def _log_format(raw: str) -> str:
+    if raw not in ("json", "console"):
+        raise ValueError(f"expected json or console, got {raw!r}")
+    return raw
+
+
+def _secret(raw: str) -> Secret:
+    if not raw.strip():
+        raise ValueError("is empty")
+    return Secret(raw.strip())
+
+
+def _path(raw: str) -> Path:
+    return Path(raw)
+
+
+def _default_log_format() -> str:
+    return "console" if sys.stderr.isatty() else "json"
+
+
+def _opt(env: str, parse: Callable[[str], Any], help: str, **kw: Any) -> Any:
+    return field(metadata={"env": env, "parse": parse, "help": help}, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the worker and its commands are configured with."""
+
+    amqp_url: str = _opt(
+        "AMQP_URL",
+        _url(("amqp", "amqps")),
+        "broker URL",
+        default="amqp://guest:guest@127.0.0.1:5672/",
+    )
+    database_url: str = _opt(
+        "DATABASE_URL",
+        _url(("postgresql", "postgres")),
+        "upload service database",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+    )
+    service_key: Secret | None = _opt(
+        "SERVICE_KEY",
+        _secret,
+        "service Ed25519 private key (ucantone format)",
+        default=None,
+        repr=False,
+    )
+    service_key_file: Path | None = _opt(
+        "SERVICE_KEY_FILE", _path, "file holding the service key", default=None
+    )
+    service_did: str | None = _opt(
+        "SERVICE_DID",
+        _did,
+        "identity the worker acts as (default: the key's did:key)",
+        default=None,
+    )
+    queue: str = _opt("QUEUE", _queue_name, "inbox queue", default="ucan.invocations")
+    receipt_queue: str = _opt(
+        "RECEIPT_QUEUE",
+        _queue_name,
+        "receipts for requests without reply_to",
+        default="ucan.receipts",
+    )
+    http_port: int = _opt(
+        "HTTP_PORT",
+        _int_range(0, 65535),
+        "metrics/health port on 127.0.0.1; 0 turns it off",
+        default=9464,
+    )
+    clock_skew: int = _opt(
+        "CLOCK_SKEW", _int_range(0, 3600), "seconds of leeway on exp/nbf", default=60
+    )
+    log_format: str = _opt(
+        "LOG_FORMAT", _log_format, "json or console", default_factory=_default_log_format
+    )
+    max_message_size: int = _opt(
+        "MAX_MESSAGE_SIZE",
+        _int_range(1024, 64 << 20),
+        "largest request body accepted (bytes)",
+        default=1 << 20,
+    )
+    prefetch: int = _opt(
+        "PREFETCH", _int_range(1, 2000), "unacknowledged messages per consumer", default=200
+    )
+    delivery_limit: int = _opt(
+        "DELIVERY_LIMIT",
+        _int_range(1, 1000),
+        "broker redeliveries before dead-lettering",
+        default=DEFAULT_DELIVERY_LIMIT,
+    )
+    retry_delays: tuple[int, ...] = _opt(
+        "RETRY_DELAYS",
+        _delays,
+        "seconds of each retry tier, comma-separated",
+        default=DEFAULT_RETRY_DELAYS,
+    )
+    shutdown_timeout: int = _opt(
+        "SHUTDOWN_TIMEOUT",
+        _int_range(0, 3600),
+        "seconds to drain in-flight work on stop",
+        default=30,
+    )
+
+    def key_path(self) -> Path:
+        """Where the service key is read from when it is not given inline."""
+        return self.service_key_file or DEFAULT_KEY_PATH
+
+
+def setting_fields() -> list[tuple[str, str, str]]:
+    """(attribute, environment variable, help) of every setting, in declaration order."""
+    return [(f.name, PREFIX + f.metadata["env"], f.metadata["help"]) for f in fields(Settings)]
+
+
+def load(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, str | None] | None = None
+) -> Settings:
+    """Build :class:`Settings` from the environment, with flag values (raw strings) on top.
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+        overrides: attribute name to raw flag value; ``None`` means not given.
+
+    Raises:
+        ConfigError: a value is malformed; the message names its variable, never a secret.
+    """
+    env = os.environ if environ is None else environ
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        var = PREFIX + f.metadata["env"]
+        raw = given.get(f.name, env.get(var))
+        if raw is None or (raw == "" and f.name not in given):
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except ValueError as exc:
+            shown = "" if f.name == "service_key" else f" ({exc})"
+            if f.name == "service_key":
+                shown = f" ({exc})" if str(exc) == "is empty" else " (not a valid key)"
+            raise ConfigError(f"{var}: invalid value{shown}") from None
+    if "service_key" in values and "service_key_file" in values:
+        raise ConfigError(
+            f"{PREFIX}SERVICE_KEY and {PREFIX}SERVICE_KEY_FILE: give one or the other, not both"
+        )
+    return Settings(**values)
