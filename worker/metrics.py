@@ -1,0 +1,53 @@
+"""Prometheus metrics of one worker process, on a registry of its own (no module globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: seconds; invocations are fast, retries and backlogs are slow
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_AGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 21600, 86400)
+
+
+class Metrics:
+    """Every metric the worker exports; ``outcome`` is ``ok``, an error name such as
+    ``Expired``, ``retried``, ``dead_lettered``, ``skipped`` (nothing for this service)
+    or ``duplicate`` (answered from the receipt ledger)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(
+            "forge_worker_messages", "Messages and invocations by outcome", ["outcome"], registry=r
+        )
+        self.latency = Histogram(
+            "forge_worker_processing_seconds",
+            "Time from consume to ack of one message",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "forge_worker_in_flight", "Messages consumed and not yet settled", registry=r
+        )
+        self.receipts_published = Counter(
+            "forge_worker_receipts_published",
+            "Receipt containers confirmed by the broker",
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "forge_worker_duplicates",
+            "Tasks answered again from the receipt ledger without executing",
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "forge_worker_queue_depth", "Ready messages in a queue", ["queue"], registry=r
+        )
+        self.queue_consumers = Gauge(
+            "forge_worker_queue_consumers", "Consumers of a queue", ["queue"], registry=r
+        )
+        self.message_age = Histogram(
+            "forge_worker_message_age_seconds",
+            "Age of a message when consumed (now - its timestamp property)",
+            buckets=_AGE_BUCKETS,
+            registry=r,
+        )
