@@ -1,0 +1,701 @@
+"""Throughput benchmark of forge-worker against the raw broker ceiling, in one run.
+
+    uv run python bench/throughput.py                    # default: 20k backlog, 1 and 2 processes
+    uv run python bench/throughput.py --backlog 100000   # the RSS check with a 100k backlog
+
+Phases (each on its own queues and database, all deleted afterwards):
+
+a. **ceiling**: a bare aio-pika loop on the same broker: consume (prefetch 100) from a
+   quorum queue, publish a 300-byte persistent reply with a publisher confirm, ack. Three
+   drains of a pre-filled queue; the median is the ceiling.
+b. **drain**: ``forge-worker run`` (uvloop) drains a backlog of N pre-signed ``/customer/add``
+   containers (Hilt's shape: the invocation plus its one delegation proof, Go-ordered
+   ``details``, a new customer each) to confirmed receipts. Receipts are counted on the
+   reply queue by polling its depth; the time runs from the first consume (the inbox depth
+   drops) to the last receipt. Repeated with two worker processes (competing consumers).
+c. **latency**: the same single worker at a steady offered load of half of (b): requests
+   are published at a fixed rate and each receipt's arrival is matched to its request by
+   ``correlation_id``; p50/p99 are taken after a warm-up.
+d. **RSS**: the worker's peak resident set size (``VmHWM``) after (b) and (c).
+
+Prints a table and writes ``bench/results/throughput.json``. See ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import _common as c
+import aio_pika
+import uvloop
+
+from worker import topology
+
+REPLY_BYTES = b"r" * 300
+PRODUCT = "did:web:hilt.fil-forge.com"
+CMD = "/customer/add"
+
+
+# --------------------------------------------------------------------------- invocations
+
+
+@dataclass(frozen=True)
+class Identities:
+    """The service key (the worker signs with it) and Hilt's key with its delegation."""
+
+    service_key: str
+    service_did: str
+    hilt_key: str
+    delegation: bytes
+
+
+def make_identities() -> Identities:
+    """A fresh service and Hilt identity; the service delegates /customer/add to Hilt."""
+    from worker.ucan import Signer, encode_delegation
+
+    service = Signer.generate()
+    hilt = Signer.generate()
+    dlg = encode_delegation(service, aud=hilt.did, sub=service.did, cmd=CMD, exp=None)
+    return Identities(service.export(), service.did, hilt.export(), dlg)
+
+
+_GEN: dict[str, Any] = {}
+
+
+def _gen_init(ids: Identities) -> None:
+    from worker.ucan import CID, Signer
+
+    _GEN["hilt"] = Signer.parse(ids.hilt_key)
+    _GEN["ids"] = ids
+    _GEN["dlg_cid"] = CID.dag_cbor(ids.delegation)
+
+
+def _gen_chunk(args: tuple[str, int, int, int]) -> list[bytes]:
+    """Sign invocations ``lo``..``hi`` of run ``tag`` (one process-pool job)."""
+    from worker.ucan import customer_add_args, encode_container, encode_invocation
+
+    tag, lo, hi, exp = args
+    ids: Identities = _GEN["ids"]
+    out = []
+    for i in range(lo, hi):
+        # a did:plc is 24 base32 characters; the index keeps every customer (and task) new
+        customer = f"did:plc:{tag}{i:0{24 - len(tag)}d}"
+        args_raw = customer_add_args(
+            customer=customer,
+            product=PRODUCT,
+            details={"external_id": f"console-{tag}-{i}", "region": "us-east-1"},
+        )
+        inv = encode_invocation(
+            _GEN["hilt"],
+            sub=ids.service_did,
+            aud=ids.service_did,
+            cmd=CMD,
+            args_raw=args_raw,
+            exp=exp,
+            prf=(_GEN["dlg_cid"],),
+        )
+        out.append(encode_container([inv, ids.delegation]))
+    return out
+
+
+def generate(ids: Identities, tag: str, n: int, pool: ProcessPoolExecutor) -> list[bytes]:
+    """``n`` signed request bodies, signed in a process pool."""
+    exp = int(time.time()) + 6 * 3600
+    step = 2000
+    jobs = [(tag, lo, min(lo + step, n), exp) for lo in range(0, n, step)]
+    out: list[bytes] = []
+    for chunk in pool.map(_gen_chunk, jobs):
+        out.extend(chunk)
+    return out
+
+
+# --------------------------------------------------------------------------- (a) ceiling
+
+
+async def ceiling_once(url: str, queue: str, reply: str, bodies: Sequence[bytes]) -> float:
+    """Drain ``bodies`` through consume -> publish reply (confirm) -> ack; msgs/s."""
+    n = len(bodies)
+    pub_conn = await aio_pika.connect(url)
+    try:
+        pch = await pub_conn.channel(publisher_confirms=True)
+        await c.publish_all(pch, queue, bodies)
+    finally:
+        await pub_conn.close()
+
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel(publisher_confirms=True)
+        await ch.set_qos(prefetch_count=100)
+        q = await ch.declare_queue(queue, passive=True)
+        ex = ch.default_exchange
+        done = asyncio.Event()
+        count = 0
+        first = 0.0
+        last = 0.0
+
+        async def handle(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal count, first, last
+            if not first:
+                first = time.perf_counter()
+            await ex.publish(
+                aio_pika.Message(REPLY_BYTES, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=reply,
+            )
+            await msg.ack()
+            count += 1
+            if count == n:
+                last = time.perf_counter()
+                done.set()
+
+        tag = await q.consume(handle)
+        await asyncio.wait_for(done.wait(), timeout=300)
+        await q.cancel(tag)
+        rch = await conn.channel()
+        await (await rch.declare_queue(reply, passive=True)).purge()
+        return n / (last - first)
+    finally:
+        await conn.close()
+
+
+async def measure_ceiling(url: str, prefix: str, body_size: int, n: int, runs: int) -> list[float]:
+    """Median-worthy ceiling runs on a quorum queue with a quorum reply queue."""
+    queue, reply = f"{prefix}.ceil", f"{prefix}.ceil.reply"
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        for name in (queue, reply):
+            await ch.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+    finally:
+        await conn.close()
+    body = os.urandom(body_size)
+    rates = []
+    for _ in range(runs):
+        rates.append(await ceiling_once(url, queue, reply, [body] * n))
+    return rates
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+@dataclass
+class WorkerRun:
+    """One or more ``forge-worker run`` processes on an isolated queue and database."""
+
+    queue: str
+    reply: str
+    db_url: str
+    ids: Identities
+    processes: int
+    log_dir: Path
+    amqp_url: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            FORGE_WORKER_AMQP_URL=self.amqp_url,
+            FORGE_WORKER_DATABASE_URL=self.db_url,
+            FORGE_WORKER_SERVICE_KEY=self.ids.service_key,
+            FORGE_WORKER_QUEUE=self.queue,
+            FORGE_WORKER_RECEIPT_QUEUE=self.reply,
+            FORGE_WORKER_HTTP_PORT="0",
+            FORGE_WORKER_LOG_FORMAT="json",
+        )
+        env.pop("FORGE_WORKER_SERVICE_KEY_FILE", None)
+        env.pop("FORGE_WORKER_SERVICE_DID", None)
+        return env
+
+    def migrate(self) -> None:
+        out = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "migrate"],
+            env=self.env(),
+            cwd=c.ROOT,
+            capture_output=True,
+            timeout=120,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"forge-worker migrate failed: {out.stderr.decode()[-2000:]}")
+
+    def start(self, extra: Sequence[str] = ()) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.processes):
+            log = (self.log_dir / f"worker-{self.queue}-{i}.log").open("wb")
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "worker.cli", "run", *extra],
+                    env=self.env(),
+                    cwd=c.ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            log.close()
+
+    def pids(self) -> list[int]:
+        out: list[int] = []
+        for p in self.procs:
+            if p.poll() is None:
+                out.extend(c.process_tree(p.pid))
+        return out
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(
+                    f"forge-worker exited with {p.returncode}; see {self.log_dir}/worker-*.log"
+                )
+
+    def hwm_mb(self) -> list[float]:
+        """Peak RSS of each worker process (the tree's processes, each on its own)."""
+        return [round(c.vm_hwm_kb(p) / 1024, 1) for p in self.pids()]
+
+    def stop(self, timeout: float = 30) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+async def declare_worker_queues(url: str, queue: str, reply: str) -> None:
+    """The inbox with the worker's own arguments, and the reply queue."""
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        await ch.declare_queue(
+            queue, durable=True, arguments=cast(Any, topology.inbox_arguments(queue))
+        )
+        await ch.declare_queue(
+            reply, durable=True, arguments=cast(Any, topology.plain_quorum_arguments())
+        )
+    finally:
+        await conn.close()
+
+
+async def drain(
+    url: str, run: WorkerRun, bodies: Sequence[bytes], meter_groups: dict[str, list[int]]
+) -> dict[str, Any]:
+    """Pre-fill the inbox, start the worker(s), and time the backlog to its last receipt."""
+    n = len(bodies)
+    await declare_worker_queues(url, run.queue, run.reply)
+    conn = await aio_pika.connect(url)
+    try:
+        pch = await conn.channel(publisher_confirms=True)
+        await c.publish_all(pch, run.queue, bodies, reply_to=run.reply)
+        poll = await conn.channel()
+        ready, _ = await c.queue_counts(poll, run.queue)
+        assert ready == n, f"inbox holds {ready}, expected {n}"
+        run.start()
+        t_start = time.perf_counter()
+        meter = c.CpuMeter()
+        first = 0.0
+        marks: dict[int, float] = {}
+        receipts = 0
+        while receipts < n:
+            await asyncio.sleep(0.02)
+            run.check_alive()
+            if time.perf_counter() - t_start > 600:
+                raise RuntimeError(f"drain timed out with {receipts}/{n} receipts")
+            if not first:
+                ready, _ = await c.queue_counts(poll, run.queue)
+                if ready < n:
+                    first = time.perf_counter()
+                    meter.start({**meter_groups, "worker": run.pids()})
+                continue
+            receipts, _ = await c.queue_counts(poll, run.reply)
+            now = time.perf_counter()
+            for frac in (10, 90):
+                if frac not in marks and receipts >= n * frac / 100:
+                    marks[frac] = now
+        last = time.perf_counter()
+        cpu = meter.stop({"pg": c.pids_by_comm("postgres")})
+        mid = (n * 0.8) / (marks[90] - marks[10]) if marks[90] > marks[10] else float("nan")
+        return {
+            "n": n,
+            "processes": run.processes,
+            "seconds": round(last - first, 3),
+            "msgs_per_s": round(n / (last - first), 1),
+            "mid_msgs_per_s": round(mid, 1),
+            "startup_s": round(first - t_start, 2),
+            "cores": cpu,
+        }
+    finally:
+        await conn.close()
+
+
+async def check_receipts(url: str, reply: str, expect: int, sample: int = 500) -> dict[str, int]:
+    """Consume the reply queue; decode a sample of receipts and count their outcomes."""
+    from worker.ucan import decode_request
+
+    outcomes: dict[str, int] = {}
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        await ch.set_qos(prefetch_count=1000)
+        q = await ch.declare_queue(reply, passive=True)
+        got = 0
+        done = asyncio.Event()
+
+        async def handle(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal got
+            got += 1
+            if got <= sample or got % max(1, expect // sample) == 0:
+                req = decode_request(msg.body)
+                for r in req.receipts or req.invocations:
+                    err = getattr(r, "error", None)
+                    key = "ok" if err is None else str(err.get("name", "error"))
+                    outcomes[key] = outcomes.get(key, 0) + 1
+            if got % 500 == 0 or got == expect:
+                await msg.ack(multiple=True)
+            if got >= expect:
+                done.set()
+
+        tag = await q.consume(handle)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout=120)
+        await q.cancel(tag)
+        await q.purge()
+        outcomes["_consumed"] = got
+    finally:
+        await conn.close()
+    return outcomes
+
+
+async def count_customers(db_url: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM customer"))
+    finally:
+        await conn.close()
+
+
+# --------------------------------------------------------------------------- (c) latency
+
+
+async def latency(
+    url: str, queue: str, reply: str, bodies: Sequence[bytes], rate: float, warmup: float
+) -> dict[str, Any]:
+    """Publish ``bodies`` at ``rate``/s; publish -> receipt latency after ``warmup`` seconds."""
+    n = len(bodies)
+    sent: list[float] = [0.0] * n
+    recv: list[float] = [0.0] * n
+    conn = await aio_pika.connect(url)
+    try:
+        cch = await conn.channel()
+        await cch.set_qos(prefetch_count=1000)
+        rq = await cch.declare_queue(reply, passive=True)
+        got = 0
+        done = asyncio.Event()
+
+        async def on_receipt(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal got
+            recv[int(msg.correlation_id or 0)] = time.perf_counter()
+            got += 1
+            if got >= n:
+                done.set()
+
+        tag = await rq.consume(on_receipt, no_ack=True)
+        pch = await conn.channel(publisher_confirms=True)
+        ex = pch.default_exchange
+        pending: set[asyncio.Future[Any]] = set()
+        t0 = time.perf_counter()
+        i = 0
+        while i < n:
+            due = min(n, int((time.perf_counter() - t0) * rate) + 1)
+            while i < due:
+                msg = aio_pika.Message(
+                    bodies[i],
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    correlation_id=str(i),
+                    message_id=f"lat-{i}",
+                    reply_to=reply,
+                )
+                sent[i] = time.perf_counter()
+                fut = asyncio.ensure_future(ex.publish(msg, routing_key=queue))
+                pending.add(fut)
+                fut.add_done_callback(pending.discard)
+                i += 1
+            await asyncio.sleep(0.002)
+        publish_s = time.perf_counter() - t0
+        await asyncio.gather(*pending)
+        try:
+            await asyncio.wait_for(done.wait(), timeout=120)
+        finally:
+            await rq.cancel(tag)
+    finally:
+        await conn.close()
+    skip = int(warmup * rate)
+    lat = [(recv[j] - sent[j]) * 1000 for j in range(skip, n) if recv[j]]
+    lat.sort()
+    return {
+        "offered_msgs_per_s": round(rate, 1),
+        "achieved_publish_msgs_per_s": round(n / publish_s, 1),
+        "samples": len(lat),
+        "missing": sum(1 for j in range(n) if not recv[j]),
+        "p50_ms": round(c.percentile(lat, 50), 2),
+        "p90_ms": round(c.percentile(lat, 90), 2),
+        "p99_ms": round(c.percentile(lat, 99), 2),
+        "max_ms": round(lat[-1], 2) if lat else float("nan"),
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def fmt_row(cells: Sequence[object], widths: Sequence[int]) -> str:
+    return "  ".join(
+        str(x).ljust(w) if i == 0 else str(x).rjust(w)
+        for i, (x, w) in enumerate(zip(cells, widths, strict=True))
+    )
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    url = c.AMQP_URL
+    rid = c.run_id()
+    prefix = f"fwbench.{rid}"
+    db_name = f"fwbench_{rid}"
+    info = c.machine_info()
+    versions = await c.server_versions()
+    print(f"machine: {c.machine_line(info, versions)}", flush=True)
+    la = c.loadavg()
+    if la[0] > 0.7:
+        print(f"warning: load average {la[0]} — the machine is not quiet", flush=True)
+
+    result: dict[str, Any] = {"machine_detail": {**info, **versions}, "args": vars(args)}
+    queues: list[str] = []
+    runs: list[WorkerRun] = []
+    db_created = False
+    pool: ProcessPoolExecutor | None = None
+    try:
+        if not args.skip_worker:
+            ids = make_identities()
+            pool = ProcessPoolExecutor(
+                max_workers=os.cpu_count() or 2, initializer=_gen_init, initargs=(ids,)
+            )
+        # --- invocations, signed ahead of time
+        t = time.perf_counter()
+        backlog: list[bytes] = []
+        backlog2: list[bytes] = []
+        if pool is not None:
+            backlog = generate(ids, f"{rid[:4]}a", args.backlog, pool)
+            if args.two:
+                backlog2 = generate(ids, f"{rid[:4]}b", args.backlog2, pool)
+        size = len(backlog[0]) if backlog else args.body_size
+        print(
+            f"signed {len(backlog) + len(backlog2)} requests of {size} bytes in "
+            f"{time.perf_counter() - t:.1f}s",
+            flush=True,
+        )
+        result["request_bytes"] = size
+
+        # --- (a) ceiling
+        queues += [f"{prefix}.ceil", f"{prefix}.ceil.reply"]
+        rates = await measure_ceiling(url, prefix, size, args.ceiling_n, args.ceiling_runs)
+        ceiling = statistics.median(rates)
+        result["ceiling_runs"] = [round(r, 1) for r in rates]
+        result["ceiling_msgs_per_s"] = round(ceiling, 1)
+        print(f"ceiling runs: {', '.join(f'{r:,.0f}' for r in rates)} msg/s", flush=True)
+        if pool is None:
+            return result
+
+        # --- (b) one process drains the backlog
+        db_url = await c.create_database(db_name)
+        db_created = True
+        rabbit = c.pids_by_comm("beam.smp")
+        groups = {"rabbit": rabbit, "pg": c.pids_by_comm("postgres"), "bench": [os.getpid()]}
+        one = WorkerRun(
+            f"{prefix}.w1", f"{prefix}.w1.receipts", db_url, ids, 1, c.RESULTS / "logs", url
+        )
+        runs.append(one)
+        queues += _worker_queue_names(one.queue, one.reply)
+        one.migrate()
+        d1 = await drain(url, one, backlog, groups)
+        d1["rss_mb_after_drain"] = one.hwm_mb()
+        print(f"drain 1 process: {d1}", flush=True)
+        d1["receipts"] = await check_receipts(url, one.reply, len(backlog))
+        d1["customers"] = await count_customers(db_url)
+        print(f"  receipts: {d1['receipts']}, customers: {d1['customers']}", flush=True)
+        result["drain_1"] = d1
+        worker_rate = float(d1["msgs_per_s"])
+        del backlog
+
+        # --- (c) latency at half of (b), same process
+        rate = worker_rate / 2 if args.rate is None else args.rate
+        lat_n = int(rate * (args.latency_seconds + args.warmup))
+        lat_bodies = generate(ids, f"{rid[:4]}l", lat_n, pool)
+        await asyncio.sleep(1)
+        lt = await latency(url, one.queue, one.reply, lat_bodies, rate, args.warmup)
+        del lat_bodies
+        print(f"latency: {lt}", flush=True)
+        result["latency"] = lt
+        rss = one.hwm_mb()
+        result["rss_mb_per_process"] = rss
+        one.stop()
+
+        # --- (b') two processes
+        if args.two:
+            two = WorkerRun(
+                f"{prefix}.w2", f"{prefix}.w2.receipts", db_url, ids, 2, c.RESULTS / "logs", url
+            )
+            runs.append(two)
+            queues += _worker_queue_names(two.queue, two.reply)
+            d2 = await drain(url, two, backlog2, groups)
+            d2["rss_mb_after_drain"] = two.hwm_mb()
+            two.stop()
+            d2["receipts"] = await check_receipts(url, two.reply, len(backlog2))
+            print(f"drain 2 processes: {d2}", flush=True)
+            result["drain_2"] = d2
+
+        result.update(
+            worker_msgs_per_s=d1["msgs_per_s"],
+            ratio=round(worker_rate / ceiling, 3),
+            p50_ms=lt["p50_ms"],
+            p99_ms=lt["p99_ms"],
+            rss_mb=max(rss),
+            backlog=args.backlog,
+        )
+        if args.two:
+            result["worker2_msgs_per_s"] = result["drain_2"]["msgs_per_s"]
+            result["ratio2"] = round(result["drain_2"]["msgs_per_s"] / ceiling, 3)
+        return result
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        for r in runs:
+            r.stop()
+        conn = await aio_pika.connect(url)
+        try:
+            await c.delete_queues(conn, queues)
+        finally:
+            await conn.close()
+        if db_created:
+            await c.drop_database(db_name)
+        result["machine"] = c.machine_line(info, versions)
+        result["loadavg_at_end"] = c.loadavg()
+
+
+def _worker_queue_names(queue: str, reply: str) -> list[str]:
+    return [
+        queue,
+        reply,
+        topology.dead_letter_name(queue),
+        *topology.retry_names(queue, topology.DEFAULT_RETRY_DELAYS),
+    ]
+
+
+def print_table(r: dict[str, Any]) -> None:
+    w = (44, 12, 40)
+    rows: list[tuple[object, object, object]] = [
+        (
+            "raw ceiling (consume→reply+confirm→ack)",
+            f"{r['ceiling_msgs_per_s']:,.0f}",
+            f"msg/s, median of {r['ceiling_runs']}",
+        ),
+    ]
+    if "drain_1" in r:
+        d1 = r["drain_1"]
+        rows += [
+            (
+                f"worker, 1 process, {d1['n']:,} backlog",
+                f"{d1['msgs_per_s']:,.0f}",
+                f"msg/s ({d1['mid_msgs_per_s']:,.0f} in 10-90%), cores {d1['cores']}",
+            ),
+            ("  ratio to ceiling", f"{r['ratio']:.2f}", ""),
+        ]
+        if "drain_2" in r:
+            d2 = r["drain_2"]
+            rows += [
+                (
+                    f"worker, 2 processes, {d2['n']:,} backlog",
+                    f"{d2['msgs_per_s']:,.0f}",
+                    f"msg/s ({d2['mid_msgs_per_s']:,.0f} in 10-90%), cores {d2['cores']}",
+                ),
+                ("  ratio to ceiling", f"{r['ratio2']:.2f}", ""),
+            ]
+        lt = r["latency"]
+        rows += [
+            (
+                f"latency at {lt['offered_msgs_per_s']:,.0f} msg/s offered",
+                f"{r['p50_ms']}",
+                "ms p50",
+            ),
+            ("", f"{r['p99_ms']}", f"ms p99 (max {lt['max_ms']} ms, {lt['samples']} samples)"),
+            ("peak RSS, 1 process (VmHWM)", f"{r['rss_mb']}", "MB"),
+        ]
+    print()
+    print(fmt_row(("measure", "value", "unit / notes"), w))
+    for row in rows:
+        print(fmt_row(row, w))
+    print(f"\nmachine: {r['machine']}; load at end {r['loadavg_at_end']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--backlog", type=int, default=20000, help="requests the 1-process worker drains"
+    )
+    p.add_argument(
+        "--backlog2",
+        type=int,
+        default=None,
+        help="requests the 2-process run drains (default: min(backlog, 20000))",
+    )
+    p.add_argument("--no-two", dest="two", action="store_false", help="skip the 2-process run")
+    p.add_argument("--ceiling-n", type=int, default=12000, help="messages per ceiling run")
+    p.add_argument("--ceiling-runs", type=int, default=3)
+    p.add_argument("--latency-seconds", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of latency run not counted")
+    p.add_argument(
+        "--rate", type=float, default=None, help="latency offered load (default: half of the drain)"
+    )
+    p.add_argument(
+        "--body-size", type=int, default=800, help="ceiling body size without a worker run"
+    )
+    p.add_argument("--skip-worker", action="store_true", help="measure only the ceiling")
+    p.add_argument("--out", type=Path, default=c.RESULTS / "throughput.json")
+    args = p.parse_args(argv)
+    if args.backlog2 is None:
+        args.backlog2 = min(args.backlog, 20000)
+    args.out = str(args.out)
+
+    result = uvloop.run(main_async(args))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keys = [
+        "ceiling_msgs_per_s",
+        "worker_msgs_per_s",
+        "ratio",
+        "p50_ms",
+        "p99_ms",
+        "rss_mb",
+        "machine",
+    ]
+    ordered = {k: result.get(k) for k in keys} | {k: v for k, v in result.items() if k not in keys}
+    out.write_text(json.dumps(ordered, indent=2, default=str) + "\n")
+    print_table(result)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
