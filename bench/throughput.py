@@ -94,11 +94,8 @@ def _gen_chunk(args: tuple[str, int, int, int]) -> list[bytes]:
     for i in range(lo, hi):
         # a did:plc is 24 base32 characters; the index keeps every customer (and task) new
         customer = f"did:plc:{tag}{i:0{24 - len(tag)}d}"
-        args_raw = customer_add_args(
-            customer=customer,
-            product=PRODUCT,
-            details={"external_id": f"console-{tag}-{i}", "region": "us-east-1"},
-        )
+        details = {"external_id": f"console-{tag}-{i}", "region": "us-east-1"}
+        args_raw = customer_add_args(customer, PRODUCT, details, None)
         inv = encode_invocation(
             _GEN["hilt"],
             sub=ids.service_did,
