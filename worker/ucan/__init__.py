@@ -84,3 +84,67 @@ CBOR (``cbor.py``)
     ``encode(value: object) -> bytes``  canonical DAG-CBOR; ``to_dag_json(value) -> object``
     JSON-ready (bytes as {"/": {"bytes": b64}}, links as {"/": cid})
 """
+
+from worker.ucan.cbor import decode, encode, to_dag_json
+from worker.ucan.cid import CID
+from worker.ucan.container import Request, decode_request, encode_container
+from worker.ucan.customer import CUSTOMER_ADD, customer_add_args
+from worker.ucan.envelope import (
+    DELEGATION_TAG,
+    INVOCATION_TAG,
+    RECEIPT_COMMAND,
+    Delegation,
+    Invocation,
+    Receipt,
+    Token,
+    decode_token,
+    encode_delegation,
+    encode_invocation,
+    task_cid,
+    verify_signature,
+)
+from worker.ucan.errors import DecodeError, UcanError, ValidationError
+from worker.ucan.keys import Resolver, Signer
+from worker.ucan.policy import Policy, match_policy, parse_policy
+from worker.ucan.receipt import build_receipt, receipt_args
+from worker.ucan.selector import Selector, parse_selector, select
+from worker.ucan.validate import check_audience, validate_invocation
+
+__all__ = [
+    "CID",
+    "CUSTOMER_ADD",
+    "DELEGATION_TAG",
+    "INVOCATION_TAG",
+    "RECEIPT_COMMAND",
+    "DecodeError",
+    "Delegation",
+    "Invocation",
+    "Policy",
+    "Receipt",
+    "Request",
+    "Resolver",
+    "Selector",
+    "Signer",
+    "Token",
+    "UcanError",
+    "ValidationError",
+    "build_receipt",
+    "check_audience",
+    "customer_add_args",
+    "decode",
+    "decode_request",
+    "decode_token",
+    "encode",
+    "encode_container",
+    "encode_delegation",
+    "encode_invocation",
+    "match_policy",
+    "parse_policy",
+    "parse_selector",
+    "receipt_args",
+    "select",
+    "task_cid",
+    "to_dag_json",
+    "validate_invocation",
+    "verify_signature",
+]

@@ -1,0 +1,254 @@
+"""DAG-CBOR: a strict, bounded decoder that accepts any map-key order, and a canonical encoder.
+
+The decoder is cbor2's C decoder with every semantic tag but 42 refused, indefinite lengths,
+duplicate keys and non-text keys refused, then one check that proves the rest of DAG-CBOR:
+the decoded value, re-encoded by cbor2 in the order it was read, must give back the input
+byte for byte. That catches non-minimal integers and lengths, floats that are not float64,
+``undefined`` and other simple values, and trailing bytes, at C speed. Map keys may come in
+any order (Go's ``sort.Strings`` order for ``details`` in Hilt's ``/customer/add``).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import cbor2
+
+from worker.ucan.cid import CID
+from worker.ucan.errors import DecodeError
+
+#: default bound on nesting (arrays and maps)
+MAX_DEPTH: Final = 64
+#: default bound on a message
+MAX_SIZE: Final = 1 << 20
+
+# cbor2's built-in semantic tags; DAG-CBOR allows tag 42 only.
+_BUILTIN_TAGS: Final = (
+    0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 262,
+    263, 270, 1004, 55799,
+)  # fmt: skip
+
+
+def _refuse_tag(tag: int) -> Callable[[Any, bool], Any]:
+    def refuse(_value: Any, _immutable: bool) -> Any:
+        raise DecodeError(f"cannot decode dag-cbor: tag {tag} is not allowed")
+
+    return refuse
+
+
+def _decode_link(value: Any, _immutable: bool) -> CID:
+    if type(value) is not bytes or not value or value[0] != 0:
+        raise DecodeError("cannot decode dag-cbor: tag 42 must hold 0x00-prefixed bytes")
+    return CID.from_bytes(value[1:])
+
+
+def _tag_hook(tag: cbor2.CBORTag, _immutable: bool) -> Any:
+    raise DecodeError(f"cannot decode dag-cbor: tag {tag.tag} is not allowed")
+
+
+def _object_hook(obj: Any, _immutable: bool) -> Any:
+    for k in obj:
+        if type(k) is not str:
+            raise DecodeError("cannot decode dag-cbor: map keys must be text")
+    return obj
+
+
+_SEMANTIC: Final[Mapping[int, Any]] = {
+    **{t: _refuse_tag(t) for t in _BUILTIN_TAGS},
+    42: _decode_link,
+}
+
+
+def _refuse_value(_enc: cbor2.CBOREncoder, value: Any) -> None:
+    raise DecodeError(f"cannot decode dag-cbor: {type(value).__name__} is not allowed")
+
+
+def _encode_default(enc: cbor2.CBOREncoder, value: Any) -> None:
+    if type(value) is CID:
+        enc.encode(cbor2.CBORTag(42, b"\0" + value.raw))
+        return
+    raise DecodeError(f"cannot encode dag-cbor: unsupported type {type(value).__name__}")
+
+
+# Types cbor2 can produce but DAG-CBOR does not have: refused when re-encoding.
+_STRICT_ENCODERS: Final[Mapping[type, Any]] = {
+    type(cbor2.undefined): _refuse_value,
+    cbor2.CBORSimpleValue: _refuse_value,
+}
+
+_NONFINITE: Final = (b"\xf9\x7e\x00", b"\xf9\x7c\x00", b"\xf9\xfc\x00")
+
+
+def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode one DAG-CBOR value, accepting any map-key order.
+
+    Links come back as :class:`CID`; maps as ``dict`` in wire order; arrays as ``list``.
+
+    Args:
+        data: exactly one encoded value.
+        max_depth: deepest nesting of arrays and maps allowed.
+
+    Raises:
+        DecodeError: anything DAG-CBOR forbids (bar key order), or more nesting than allowed.
+    """
+    try:
+        value = cbor2.loads(
+            data,
+            tag_hook=_tag_hook,
+            object_hook=_object_hook,
+            semantic_decoders=_SEMANTIC,
+            max_depth=max_depth,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+        )
+        again = cbor2.dumps(value, default=_encode_default, encoders=_STRICT_ENCODERS)
+    except DecodeError:
+        raise
+    except cbor2.CBORDecodeEOF as exc:
+        raise DecodeError("cannot decode dag-cbor: truncated input") from exc
+    except (cbor2.CBORError, ValueError, TypeError, OverflowError) as exc:
+        cause = exc.__cause__
+        if isinstance(cause, DecodeError):
+            raise DecodeError(str(cause)) from exc
+        raise DecodeError(f"cannot decode dag-cbor: {_one_line(exc)}") from exc
+    except (RecursionError, MemoryError) as exc:
+        raise DecodeError("cannot decode dag-cbor: input too deep or too large") from exc
+    if again != data:
+        raise DecodeError(_why_not_canonical(data, again))
+    if b"\xf9" in data and any(p in data for p in _NONFINITE):
+        _refuse_nonfinite(value)
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def _why_not_canonical(data: bytes, again: bytes) -> str:
+    if len(again) < len(data) and data.startswith(again):
+        return f"cannot decode dag-cbor: {len(data) - len(again)} trailing bytes"
+    i = next((i for i, (a, b) in enumerate(zip(data, again, strict=False)) if a != b), None)
+    where = f"at byte {i}" if i is not None else f"at byte {min(len(data), len(again))}"
+    return (
+        f"cannot decode dag-cbor: not in DAG-CBOR form {where} "
+        "(non-minimal length or integer, float not 64-bit, or trailing bytes)"
+    )
+
+
+def _refuse_nonfinite(value: Any) -> None:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if type(v) is float and not math.isfinite(v):
+            raise DecodeError("cannot decode dag-cbor: NaN and Infinity are not allowed")
+        if type(v) is list:
+            stack.extend(v)
+        elif type(v) is dict:
+            stack.extend(v.values())
+
+
+def reencode(value: Any) -> bytes:
+    """Encode a decoded value in the order it holds (the bytes it was decoded from)."""
+    return cbor2.dumps(value, default=_encode_default)
+
+
+def _canonical(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise DecodeError("cannot encode dag-cbor: nesting too deep")
+    t = type(value)
+    if t is dict:
+        items = []
+        for k, v in value.items():
+            if type(k) is not str:
+                raise DecodeError(f"cannot encode dag-cbor: map key {k!r} is not text")
+            items.append((k.encode(), k, v))
+        items.sort(key=lambda kv: (len(kv[0]), kv[0]))
+        return {k: _canonical(v, depth + 1) for _, k, v in items}
+    if t is list or t is tuple:
+        return [_canonical(v, depth + 1) for v in value]
+    if t is float:
+        if not math.isfinite(value):
+            raise DecodeError("cannot encode dag-cbor: NaN and Infinity are not allowed")
+        return value
+    if t is int:
+        if not -(1 << 64) <= value < (1 << 64):
+            raise DecodeError("cannot encode dag-cbor: integer out of 64-bit range")
+        return value
+    if value is None or t is bool or t is str or t is bytes or t is CID:
+        return value
+    if isinstance(value, Mapping):
+        return _canonical(dict(value), depth)
+    raise DecodeError(f"cannot encode dag-cbor: unsupported type {t.__name__}")
+
+
+def encode(value: Any) -> bytes:
+    """Canonical DAG-CBOR of ``value`` (keys length-first then bytewise, float64, links tag 42).
+
+    Raises:
+        DecodeError: a value DAG-CBOR cannot hold (non-text key, NaN, a set, ...).
+    """
+    return cbor2.dumps(_canonical(value), default=_encode_default)
+
+
+def encode_text(text: str) -> bytes:
+    """The CBOR encoding of one text string."""
+    return cbor2.dumps(text)
+
+
+def head(major: int, n: int) -> bytes:
+    """A minimal CBOR head of major type ``major`` with argument ``n``."""
+    m = major << 5
+    if n < 24:
+        return bytes((m | n,))
+    if n < 0x100:
+        return bytes((m | 24, n))
+    if n < 0x10000:
+        return bytes((m | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((m | 26,)) + n.to_bytes(4, "big")
+    return bytes((m | 27,)) + n.to_bytes(8, "big")
+
+
+def encode_map_raw(entries: Mapping[str, bytes]) -> bytes:
+    """A map of already-encoded values, keys in canonical order (values written verbatim)."""
+    keys = sorted(entries, key=lambda k: (len(k.encode()), k.encode()))
+    out = [head(5, len(keys))]
+    for k in keys:
+        out.append(encode_text(k))
+        out.append(entries[k])
+    return b"".join(out)
+
+
+def to_dag_json(value: Any) -> Any:
+    """A JSON-ready copy of a decoded value: bytes as ``{"/": {"bytes": b64}}``, links as
+    ``{"/": cid}`` (base64 standard, no padding, as DAG-JSON writes it)."""
+    t = type(value)
+    if t is dict:
+        return {k: to_dag_json(v) for k, v in value.items()}
+    if t is list or t is tuple:
+        return [to_dag_json(v) for v in value]
+    if t is bytes:
+        return {"/": {"bytes": base64.b64encode(value).decode().rstrip("=")}}
+    if t is CID:
+        return {"/": str(value)}
+    return value
+
+
+def from_dag_json(value: Any) -> Any:
+    """Inverse of :func:`to_dag_json` for fixtures: ``{"/": ...}`` forms become bytes and links."""
+    if isinstance(value, dict):
+        if set(value) == {"/"}:
+            inner = value["/"]
+            if isinstance(inner, str):
+                return CID.parse(inner)
+            if isinstance(inner, dict) and set(inner) == {"bytes"}:
+                b = inner["bytes"]
+                return base64.b64decode(b + "=" * (-len(b) % 4))
+        return {k: from_dag_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_dag_json(v) for v in value]
+    return value

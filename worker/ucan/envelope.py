@@ -1,0 +1,388 @@
+"""Token envelopes (invocations, delegations, receipts): decode keeping raw spans, encode, sign.
+
+A token is ``[signature, {"h": varsig, "<tag>": payload}]``. The signature covers the
+SigPayload map exactly as received; a token's CID hashes the whole envelope as received;
+a task's CID hashes ``{cmd, sub, args, nonce}`` with ``args`` copied verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from worker.ucan import cbor
+from worker.ucan.cid import CID
+from worker.ucan.errors import DecodeError, ValidationError
+from worker.ucan.keys import Resolver, Signer
+from worker.ucan.policy import Policy, parse_policy
+from worker.ucan.varsig import ED25519_DAG_CBOR, check_header
+
+#: the tags this project writes
+INVOCATION_TAG: Final = "ucan/inv@1.0.0-rc.1"
+DELEGATION_TAG: Final = "ucan/dlg@1.0.0-rc.1"
+#: tags accepted on decode (the spec's final 1.0.0 too)
+INVOCATION_TAGS: Final = frozenset((INVOCATION_TAG, "ucan/inv@1.0.0"))
+DELEGATION_TAGS: Final = frozenset((DELEGATION_TAG, "ucan/dlg@1.0.0"))
+#: the command of a receipt
+RECEIPT_COMMAND: Final = "/ucan/assert/receipt"
+
+_INT64_MIN: Final = -(1 << 63)
+_INT64_MAX: Final = (1 << 63) - 1
+_SIG_PAYLOAD_PREFIX: Final = b"\xa2\x61h" + cbor.head(2, len(ED25519_DAG_CBOR)) + ED25519_DAG_CBOR
+_TASK_CMD: Final = b"\xa4" + cbor.encode_text("cmd")
+_TASK_SUB: Final = cbor.encode_text("sub")
+_TASK_ARGS: Final = cbor.encode_text("args")
+_TASK_NONCE: Final = cbor.encode_text("nonce")
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """Fields every token has. ``raw`` is the envelope as received, ``payload_raw`` the
+    signed SigPayload span, ``cid`` the sha2-256 dag-cbor CID of ``raw``."""
+
+    raw: bytes = field(repr=False)
+    cid: CID
+    tag: str
+    header: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+    payload_raw: bytes = field(repr=False)
+    iss: str
+    sub: str | None
+    aud: str | None
+    cmd: str
+    exp: int | None
+    nonce: bytes = field(repr=False)
+    meta: dict[str, Any] | None = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation(Token):
+    """An invocation; ``args_raw`` is its args exactly as received."""
+
+    args: dict[str, Any] = field(repr=False)
+    args_raw: bytes = field(repr=False)
+    prf: tuple[CID, ...]
+    iat: int | None
+    cause: CID | None
+    task_cid: CID
+
+    @property
+    def audience(self) -> str:
+        """The effective audience: ``aud``, else ``sub``."""
+        return self.aud if self.aud is not None else str(self.sub)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt(Invocation):
+    """A receipt: an invocation of ``/ucan/assert/receipt`` with no ``aud``."""
+
+    ran: CID
+    ok: Any
+    error: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Delegation(Token):
+    """A delegation; ``sub`` ``None`` is a powerline delegation."""
+
+    pol: Policy = field(repr=False)
+    nbf: int | None
+
+
+def task_cid(cmd: str, sub: str, args_raw: bytes, nonce: bytes) -> CID:
+    """The CID of the task ``{cmd, sub, args, nonce}`` with ``args_raw`` written verbatim."""
+    return CID.dag_cbor(
+        b"".join(
+            (
+                _TASK_CMD,
+                cbor.encode_text(cmd),
+                _TASK_SUB,
+                cbor.encode_text(sub),
+                _TASK_ARGS,
+                args_raw or b"\xa0",
+                _TASK_NONCE,
+                cbor.head(2, len(nonce)),
+                nonce,
+            )
+        )
+    )
+
+
+def _did(p: Mapping[str, Any], key: str, *, required: bool) -> str | None:
+    v = p.get(key)
+    if v is None:
+        if required:
+            raise DecodeError(f"cannot decode token: {key!r} is missing")
+        return None
+    if type(v) is not str or not v.startswith("did:"):
+        raise DecodeError(f"cannot decode token: {key!r} is not a DID")
+    return v
+
+
+def _int(p: Mapping[str, Any], key: str) -> int | None:
+    v = p.get(key)
+    if v is None:
+        return None
+    if type(v) is not int or not _INT64_MIN <= v <= _INT64_MAX:
+        raise DecodeError(f"cannot decode token: {key!r} must be a 64-bit integer or null")
+    return v
+
+
+def _cmd(p: Mapping[str, Any]) -> str:
+    v = p.get("cmd")
+    if type(v) is not str or not v.startswith("/"):
+        raise DecodeError("cannot decode token: 'cmd' must be text starting with '/'")
+    return v
+
+
+def _meta(p: Mapping[str, Any]) -> dict[str, Any] | None:
+    v = p.get("meta")
+    if v is not None and type(v) is not dict:
+        raise DecodeError("cannot decode token: 'meta' must be a map")
+    return v
+
+
+def _nonce(p: Mapping[str, Any]) -> bytes:
+    v = p.get("nonce", b"")
+    if type(v) is not bytes:
+        raise DecodeError("cannot decode token: 'nonce' must be bytes")
+    return v
+
+
+def decode_token(raw: bytes, *, max_size: int = cbor.MAX_SIZE) -> Invocation | Delegation | Receipt:
+    """Decode one token, keeping the spans that signatures and CIDs are computed over.
+
+    Args:
+        raw: the envelope bytes.
+        max_size: refuse tokens longer than this.
+
+    Raises:
+        DecodeError: not a token we can read (including a varsig header other than
+            Ed25519 + DAG-CBOR, and tags other than ``ucan/{inv,dlg}@1.0.0[-rc.1]``).
+    """
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise DecodeError("cannot decode token: expected bytes")
+    raw = bytes(raw)
+    if len(raw) > max_size:
+        raise DecodeError(f"cannot decode token: {len(raw)} bytes exceeds the limit of {max_size}")
+    if not raw or raw[0] != 0x82:
+        raise DecodeError("cannot decode token: not a 2-element array [signature, payload]")
+    value = cbor.decode(raw)
+    sig, sp = value
+    if type(sig) is not bytes:
+        raise DecodeError("cannot decode token: signature must be bytes")
+    if type(sp) is not dict or len(sp) != 2 or "h" not in sp:
+        raise DecodeError("cannot decode token: payload must be a map of 'h' and one tag")
+    header = sp["h"]
+    if type(header) is not bytes:
+        raise DecodeError("cannot decode token: varsig header 'h' must be bytes")
+    tag = next(k for k in sp if k != "h")
+    payload = sp[tag]
+    if type(payload) is not dict:
+        raise DecodeError(f"cannot decode token: {tag!r:.60} payload must be a map")
+    if tag not in INVOCATION_TAGS and tag not in DELEGATION_TAGS:
+        raise DecodeError(f"cannot decode token: unsupported tag {tag!r:.60}")
+    check_header(header)
+    offset = 1 + len(cbor.head(2, len(sig))) + len(sig)
+    payload_raw = raw[offset:]
+    cid = CID.dag_cbor(raw)
+    iss = _did(payload, "iss", required=True)
+    assert iss is not None
+    cmd = _cmd(payload)
+    common = (
+        raw, cid, tag, header, sig, payload_raw, iss,
+    )  # fmt: skip
+    if tag in DELEGATION_TAGS:
+        aud = _did(payload, "aud", required=True)
+        pol = payload.get("pol", [])
+        return Delegation(
+            *common,
+            _did(payload, "sub", required=False),
+            aud,
+            cmd,
+            _int(payload, "exp"),
+            _nonce(payload),
+            _meta(payload),
+            parse_policy(pol),
+            _int(payload, "nbf"),
+        )
+    sub = _did(payload, "sub", required=True)
+    assert sub is not None
+    aud = _did(payload, "aud", required=False)
+    args = payload.get("args")
+    if type(args) is not dict:
+        raise DecodeError("cannot decode token: 'args' must be a map")
+    args_raw = cbor.reencode(args)
+    prf = payload.get("prf", [])
+    if type(prf) is not list or any(type(p) is not CID for p in prf):
+        raise DecodeError("cannot decode token: 'prf' must be an array of links")
+    cause = payload.get("cause")
+    if cause is not None and type(cause) is not CID:
+        raise DecodeError("cannot decode token: 'cause' must be a link")
+    nonce = _nonce(payload)
+    fields = (
+        *common, sub, aud, cmd, _int(payload, "exp"), nonce, _meta(payload), args, args_raw,
+        tuple(prf), _int(payload, "iat"), cause, task_cid(cmd, sub, args_raw, nonce),
+    )  # fmt: skip
+    if cmd == RECEIPT_COMMAND and aud is None:
+        parsed = _receipt_args(args)
+        if parsed is not None:
+            return Receipt(*fields, *parsed)
+    return Invocation(*fields)
+
+
+def _receipt_args(args: dict[str, Any]) -> tuple[CID, Any, dict[str, Any] | None] | None:
+    ran, out = args.get("ran"), args.get("out")
+    if type(ran) is not CID or type(out) is not dict or len(out) != 1:
+        return None
+    if "ok" in out:
+        return ran, out["ok"], None
+    err = out.get("error")
+    if type(err) is not dict:
+        return None
+    return ran, None, err
+
+
+def _check_args(args_raw: bytes) -> None:
+    if not args_raw or args_raw[0] >> 5 != 5:
+        raise DecodeError("cannot encode invocation: args must be a CBOR map")
+    cbor.decode(args_raw)
+
+
+def _sign(signer: Signer, tag: str, payload: bytes) -> bytes:
+    sig_payload = _SIG_PAYLOAD_PREFIX + cbor.encode_text(tag) + payload
+    sig = signer.sign(sig_payload)
+    return b"\x82" + cbor.head(2, len(sig)) + sig + sig_payload
+
+
+def _links(cids: Iterable[CID]) -> bytes:
+    items = list(cids)
+    return cbor.encode(items)
+
+
+def encode_invocation(
+    signer: Signer,
+    *,
+    sub: str,
+    cmd: str,
+    args_raw: bytes,
+    aud: str | None = None,
+    exp: int | None,
+    iat: int | None = None,
+    nonce: bytes | None = None,
+    prf: Iterable[CID] = (),
+    meta: Mapping[str, Any] | None = None,
+    cause: CID | None = None,
+) -> bytes:
+    """Build and sign an invocation as ucantone writes it (tag ``-rc.1``, Ed25519 varsig).
+
+    Args:
+        signer: the issuer; ``iss`` is ``signer.did``.
+        sub: the subject DID.
+        cmd: the command, e.g. ``/customer/add``.
+        args_raw: the args map, written verbatim (it may be Go-ordered like Hilt's).
+        aud: the audience, omitted when ``None``.
+        exp: expiry (unix seconds) or ``None`` for none (written as null).
+        iat: issued-at, omitted when ``None``.
+        nonce: default 16 random bytes.
+        prf: proof CIDs, root first.
+        meta: optional metadata map.
+        cause: optional link to the causing receipt.
+
+    Raises:
+        DecodeError: ``args_raw`` is not one DAG-CBOR map.
+    """
+    _check_args(args_raw)
+    entries: dict[str, bytes] = {
+        "cmd": cbor.encode_text(cmd),
+        "exp": cbor.encode(exp),
+        "iss": cbor.encode_text(signer.did),
+        "prf": _links(prf),
+        "sub": cbor.encode_text(sub),
+        "args": args_raw,
+        "nonce": cbor.encode(os.urandom(16) if nonce is None else nonce),
+    }
+    if aud is not None:
+        entries["aud"] = cbor.encode_text(aud)
+    if iat is not None:
+        entries["iat"] = cbor.encode(iat)
+    if meta is not None:
+        entries["meta"] = cbor.encode(dict(meta))
+    if cause is not None:
+        entries["cause"] = cbor.encode(cause)
+    return _sign(signer, INVOCATION_TAG, cbor.encode_map_raw(entries))
+
+
+def encode_delegation(
+    signer: Signer,
+    *,
+    aud: str,
+    sub: str | None,
+    cmd: str,
+    pol: Policy | Iterable[Any] = (),
+    exp: int | None,
+    nbf: int | None = None,
+    nonce: bytes | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Build and sign a delegation as ucantone writes it.
+
+    Args:
+        signer: the issuer; ``iss`` is ``signer.did``.
+        aud: the audience DID.
+        sub: the subject DID, or ``None`` for a powerline delegation (written as null).
+        cmd: the delegated command.
+        pol: policy statements in wire form (lists), or a parsed :class:`Policy`.
+        exp: expiry or ``None`` (null).
+        nbf: not-before, omitted when ``None``.
+        nonce: default 16 random bytes.
+        meta: optional metadata map.
+
+    Raises:
+        DecodeError: the policy is malformed.
+    """
+    policy = pol if isinstance(pol, Policy) else parse_policy(list(pol))
+    entries: dict[str, bytes] = {
+        "aud": cbor.encode_text(aud),
+        "cmd": cbor.encode_text(cmd),
+        "exp": cbor.encode(exp),
+        "iss": cbor.encode_text(signer.did),
+        "pol": cbor.encode(policy.wire),
+        "sub": cbor.encode(sub),
+        "nonce": cbor.encode(os.urandom(16) if nonce is None else nonce),
+    }
+    if nbf is not None:
+        entries["nbf"] = cbor.encode(nbf)
+    if meta is not None:
+        entries["meta"] = cbor.encode(dict(meta))
+    return _sign(signer, DELEGATION_TAG, cbor.encode_map_raw(entries))
+
+
+def verify_signature(token: Token, resolver: Resolver) -> None:
+    """Check the token's signature over its SigPayload bytes as received.
+
+    Verified delegations are remembered by CID (per resolver), so a proof shared by many
+    invocations is verified once; a CID covers the signature, payload and issuer.
+
+    Raises:
+        ValidationError: ``InvalidSignature``, or ``DIDKeyResolutionError`` when the issuer
+            has no known key.
+    """
+    cacheable = isinstance(token, Delegation)
+    if cacheable and resolver.seen(token.cid.raw):
+        return
+    if not resolver.can_resolve(token.iss):
+        raise ValidationError(
+            "DIDKeyResolutionError",
+            f"unable to resolve {token.iss!r} key: not an Ed25519 did:key and not configured",
+        )
+    if not resolver.verify(token.iss, token.payload_raw, token.signature):
+        kind = "delegation" if isinstance(token, Delegation) else "invocation"
+        raise ValidationError(
+            "InvalidSignature",
+            f"{kind} {str(token.cid)!r} does not have a valid signature from {token.iss!r}",
+        )
+    if cacheable:
+        resolver.remember(token.cid.raw)

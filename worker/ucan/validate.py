@@ -1,0 +1,135 @@
+"""ucantone's ``ValidateInvocation``: signature, time bounds, proof chain, attenuation, policy.
+
+The checks, their order and their error names follow ucantone (ucan-wire §2.5). The one
+addition is a clock-skew leeway ``s``: a token is expired iff ``exp + s <= now`` and too
+early iff ``nbf != 0 and now + s <= nbf``; ``s = 0`` is exactly ucantone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+
+from worker.ucan.cid import CID
+from worker.ucan.envelope import Delegation, Invocation, Token, verify_signature
+from worker.ucan.errors import ValidationError
+from worker.ucan.keys import Resolver
+from worker.ucan.policy import Policy, Statement, match_policy
+
+_DEFAULT_RESOLVER = Resolver()
+
+
+def proves(granted: str, wanted: str) -> bool:
+    """Whether command ``granted`` covers ``wanted`` (``/`` covers all; ``/a`` covers ``/a/b``)."""
+    if granted == "/" or granted == wanted:
+        return True
+    return wanted.startswith(granted + "/")
+
+
+def _when(t: int) -> str:
+    try:
+        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return str(t)
+
+
+def _check_token(token: Token, *, now: int, clock_skew: int, resolver: Resolver) -> None:
+    verify_signature(token, resolver)
+    if token.exp is not None and token.exp + clock_skew <= now:
+        kind = "invocation" if isinstance(token, Invocation) else "proof"
+        raise ValidationError(
+            "Expired", f"{kind} {str(token.cid)!r} has expired on {_when(token.exp)}"
+        )
+    if isinstance(token, Delegation) and token.nbf and now + clock_skew <= token.nbf:
+        raise ValidationError(
+            "TooEarly", f"proof {str(token.cid)!r} is not valid before {_when(token.nbf)}"
+        )
+
+
+def validate_invocation(
+    inv: Invocation,
+    proofs: Mapping[CID, Delegation],
+    *,
+    now: int,
+    clock_skew: int = 0,
+    resolver: Resolver | None = None,
+) -> None:
+    """Validate ``inv`` as ucantone's ``ValidateInvocation`` does.
+
+    Args:
+        inv: the invocation.
+        proofs: delegations by CID (e.g. those in the same container).
+        now: the validation time, unix seconds.
+        clock_skew: leeway in seconds on ``exp`` and ``nbf`` (0 = exactly ucantone).
+        resolver: DID → keys; default resolves did:key only.
+
+    Raises:
+        ValidationError: with ucantone's error name (``InvalidSignature``, ``Expired``,
+            ``TooEarly``, ``UnavailableProof``, ``InvalidClaim``, ``InvalidSubject``,
+            ``InvalidAudience``, ``ImpossibleAttenuation``, ``MatchError``, ``UnknownError``).
+    """
+    res = resolver or _DEFAULT_RESOLVER
+    _check_token(inv, now=now, clock_skew=clock_skew, resolver=res)
+    chain: list[Delegation] = []
+    for link in inv.prf:
+        prf = proofs.get(link)
+        if prf is None:
+            raise ValidationError(
+                "UnavailableProof",
+                f"linked proof {str(link)!r} could not be resolved: proof not found in container",
+            )
+        chain.append(prf)
+    authority = inv.sub
+    command = "/"
+    statements: list[Statement] = []
+    for i, prf in enumerate(chain):
+        _check_token(prf, now=now, clock_skew=clock_skew, resolver=res)
+        if i == 0 and prf.sub is None:
+            raise ValidationError("InvalidClaim", "root delegation subject is null")
+        if prf.sub is not None and prf.sub != inv.sub:
+            raise ValidationError(
+                "InvalidSubject",
+                f"delegation {str(prf.cid)!r} subject is {prf.sub!r} not {inv.sub!r}",
+            )
+        if prf.iss != authority:
+            raise ValidationError(
+                "InvalidAudience",
+                f"delegation {str(prf.cid)!r} issuer is {authority!r} not {prf.iss!r}",
+            )
+        authority = prf.aud
+        if proves(command, prf.cmd):
+            command = prf.cmd
+        elif not proves(prf.cmd, command):
+            raise ValidationError(
+                "ImpossibleAttenuation",
+                f"cannot attenuate capability from command {command} to command {prf.cmd}",
+            )
+        statements.extend(prf.pol.statements)
+    if authority != inv.iss:
+        if not chain:
+            raise ValidationError(
+                "InvalidClaim",
+                f"invocation {str(inv.cid)!r} is not issued by subject and has no proofs",
+            )
+        raise ValidationError(
+            "InvalidAudience",
+            f"invocation {str(inv.cid)!r} issuer is {authority!r} not {inv.iss!r}",
+        )
+    if not proves(command, inv.cmd):
+        raise ValidationError(
+            "UnknownError", f"capability command {command} does not prove given command {inv.cmd}"
+        )
+    match_policy(Policy(tuple(statements)), inv.args)
+
+
+def check_audience(inv: Invocation, service_did: str) -> None:
+    """The dispatcher's check: the effective audience (``aud``, else ``sub``) is the service.
+
+    Raises:
+        ValidationError: ``InvalidAudience``.
+    """
+    if inv.audience != service_did:
+        raise ValidationError(
+            "InvalidAudience",
+            f"invocation {str(inv.cid)!r} is addressed to {inv.audience!r}, not {service_did!r}",
+        )

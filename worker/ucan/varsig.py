@@ -1,0 +1,44 @@
+"""Varsig v1 headers: only Ed25519 over DAG-CBOR (``34 01 ed 01 ed 01 13 71``) is accepted."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from worker.ucan.cid import read_uvarint
+from worker.ucan.errors import DecodeError
+
+#: varsig v1, EdDSA, curve ed25519-pub, sha2-512, payload DAG-CBOR
+ED25519_DAG_CBOR: Final = bytes.fromhex("3401ed01ed011371")
+
+_ALGORITHMS: Final = {
+    0xED: "EdDSA",
+    0xEC: "ECDSA (secp256k1)",
+    0xD000: "absentee (non-standard)",
+    0x300001: "attested authority (libforge)",
+}
+
+
+def check_header(header: bytes) -> None:
+    """Accept the Ed25519 + DAG-CBOR header; refuse any other, naming what it is.
+
+    Raises:
+        DecodeError: any other header.
+    """
+    if header == ED25519_DAG_CBOR:
+        return
+    raise DecodeError(f"cannot verify token: unsupported varsig header {describe(header)}")
+
+
+def describe(header: bytes) -> str:
+    """A short description of a varsig header for error messages."""
+    shown = header[:16].hex() + ("…" if len(header) > 16 else "")
+    if len(header) < 2 or header[0] != 0x34:
+        return f"{shown} (not varsig: expected prefix 0x34)"
+    if header[1] != 0x01:
+        return f"{shown} (varsig version {header[1]}, only version 1 is supported)"
+    try:
+        alg, _ = read_uvarint(header, 2)
+    except DecodeError:
+        return f"{shown} (truncated)"
+    name = _ALGORITHMS.get(alg, f"algorithm 0x{alg:x}")
+    return f"{shown} ({name}; only Ed25519 with DAG-CBOR payload, 3401ed01ed011371, is accepted)"
