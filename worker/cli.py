@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="depth and consumers of the worker's queues")
     st.add_argument("--json", action="store_true", help="print one JSON document")
+    st.add_argument(
+        "--no-peek",
+        action="store_true",
+        help="do not take the dead-letter queue's head to read its age (it is put back at "
+        "once, but marked redelivered)",
+    )
     _setting_flags(st, (*_BROKER, "retry_delays"))
 
     dlq = sub.add_parser("dlq", help="inspect, replay and purge dead letters")
@@ -108,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("replay", "purge"):
             d.add_argument("--all", action="store_true", help="every dead letter")
             d.add_argument("--id", nargs="+", default=[], metavar="ID", help="these dead letters")
+        if name in ("list", "replay", "purge"):
             d.add_argument("--reason", metavar="REASON", help="only those dead-lettered for this")
             d.add_argument(
                 "--since",

@@ -51,3 +51,14 @@ class Metrics:
             buckets=_AGE_BUCKETS,
             registry=r,
         )
+        self.ready = Gauge(
+            "forge_worker_ready",
+            "1 when every readiness check passes (evaluated on each scrape and /readyz)",
+            registry=r,
+        )
+        self.ready_check = Gauge(
+            "forge_worker_ready_check",
+            "1 when this readiness check passes: broker, consumer, database, key",
+            ["check"],
+            registry=r,
+        )
