@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -288,9 +289,17 @@ async def declare_worker_queues(url: str, queue: str, reply: str) -> None:
 
 
 async def drain(
-    url: str, run: WorkerRun, bodies: Sequence[bytes], meter_groups: dict[str, list[int]]
+    url: str,
+    run: WorkerRun,
+    bodies: Sequence[bytes],
+    meter_groups: dict[str, list[int]],
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Pre-fill the inbox, start the worker(s), and time the backlog to its last receipt."""
+    """Pre-fill the inbox, start the worker(s), and time the backlog to its last receipt.
+
+    With ``profile``, py-spy samples the (first) worker process during the drain and writes
+    collapsed stacks there.
+    """
     n = len(bodies)
     await declare_worker_queues(url, run.queue, run.reply)
     conn = await aio_pika.connect(url)
@@ -306,24 +315,39 @@ async def drain(
         first = 0.0
         marks: dict[int, float] = {}
         receipts = 0
+        spy: subprocess.Popen[bytes] | None = None
+        progress = (0, t_start)
         while receipts < n:
             await asyncio.sleep(0.02)
             run.check_alive()
-            if time.perf_counter() - t_start > 600:
-                raise RuntimeError(f"drain timed out with {receipts}/{n} receipts")
+            now = time.perf_counter()
+            if now - progress[1] > 30:
+                ready, _ = await c.queue_counts(poll, run.queue)
+                raise RuntimeError(
+                    f"drain stalled at {receipts}/{n} receipts, {ready} still queued; "
+                    f"see {run.log_dir}"
+                )
             if not first:
                 ready, _ = await c.queue_counts(poll, run.queue)
                 if ready < n:
                     first = time.perf_counter()
+                    progress = (0, first)
                     meter.start({**meter_groups, "worker": run.pids()})
+                    if profile is not None:
+                        spy = start_py_spy(run.procs[0].pid, profile)
                 continue
             receipts, _ = await c.queue_counts(poll, run.reply)
             now = time.perf_counter()
+            if receipts != progress[0]:
+                progress = (receipts, now)
             for frac in (10, 90):
                 if frac not in marks and receipts >= n * frac / 100:
                     marks[frac] = now
         last = time.perf_counter()
         cpu = meter.stop({"pg": c.pids_by_comm("postgres")})
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         mid = (n * 0.8) / (marks[90] - marks[10]) if marks[90] > marks[10] else float("nan")
         return {
             "n": n,
@@ -336,6 +360,60 @@ async def drain(
         }
     finally:
         await conn.close()
+
+
+def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """Sample ``pid`` with py-spy (collapsed stacks, non-blocking) until SIGINT."""
+    exe = shutil.which("py-spy")
+    if exe is None:
+        raise RuntimeError(
+            "--profile needs py-spy: uv run --with py-spy python bench/throughput.py"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def summarize_profile(path: Path, top: int = 30) -> str:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    selfs: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_s)
+        total += count
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
+            for f in stack.split(";")
+        ]
+        selfs[frames[-1]] = selfs.get(frames[-1], 0) + count
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + count
+    lines = [f"{total} samples", "self%   function"]
+    for f, n in sorted(selfs.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100 * n / total:5.1f}   {f}")
+    lines.append("incl%   function")
+    for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100 * n / total:5.1f}   {f}")
+    return "\n".join(lines)
 
 
 async def check_receipts(url: str, reply: str, expect: int, sample: int = 500) -> dict[str, int]:
@@ -526,7 +604,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         runs.append(one)
         queues += _worker_queue_names(one.queue, one.reply)
         one.migrate()
-        d1 = await drain(url, one, backlog, groups)
+        prof = c.RESULTS / f"profile-drain1-{rid}.txt" if args.profile else None
+        d1 = await drain(url, one, backlog, groups, prof)
+        if prof is not None:
+            summary = summarize_profile(prof)
+            prof.with_suffix(".summary.txt").write_text(summary + "\n")
+            print(summary, flush=True)
         d1["rss_mb_after_drain"] = one.hwm_mb()
         print(f"drain 1 process: {d1}", flush=True)
         d1["receipts"] = await check_receipts(url, one.reply, len(backlog))
@@ -667,6 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--body-size", type=int, default=800, help="ceiling body size without a worker run"
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy the 1-process drain (needs --with py-spy)"
     )
     p.add_argument("--skip-worker", action="store_true", help="measure only the ceiling")
     p.add_argument("--out", type=Path, default=c.RESULTS / "throughput.json")
