@@ -26,7 +26,7 @@ def check_header(header: bytes) -> None:
     """
     if header == ED25519_DAG_CBOR:
         return
-    raise DecodeError(f"cannot verify token: unsupported varsig header {describe(header)}")
+    raise DecodeError(f"cannot decode token: unsupported varsig header {describe(header)}")
 
 
 def describe(header: bytes) -> str:

@@ -1,0 +1,176 @@
+"""``forge-worker inspect``: decode a request body or token file offline and validate it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from worker.config import Settings
+from worker.ucan import (
+    CID,
+    DecodeError,
+    Delegation,
+    Invocation,
+    Receipt,
+    Request,
+    Resolver,
+    Signer,
+    ValidationError,
+    check_audience,
+    decode_request,
+    to_dag_json,
+    validate_invocation,
+)
+
+EXIT_OK: Final = 0
+EXIT_INVALID: Final = 1
+EXIT_USAGE: Final = 2
+#: the largest file ``inspect`` reads (a request body is at most 1 MiB by default)
+MAX_FILE: Final = 16 << 20
+
+
+def _kind(tok: Invocation | Delegation | Receipt) -> str:
+    if isinstance(tok, Delegation):
+        return "delegation"
+    if isinstance(tok, Receipt):
+        return "receipt"
+    return "invocation"
+
+
+def _resolver(settings: Settings, service_did: str | None) -> Resolver:
+    """did:key, plus the service's own key under a configured non-did:key service DID."""
+    did = service_did or settings.service_did
+    if not did or did.startswith("did:key:"):
+        return Resolver()
+    text: str | None = str(settings.service_key) if settings.service_key else None
+    if text is None and settings.service_key_file is not None:
+        try:
+            text = settings.service_key_file.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            text = None
+    if text is None:
+        return Resolver()
+    try:
+        signer = Signer.parse(text)
+    except DecodeError:
+        return Resolver()
+    return Resolver({did: [signer.public_key]})
+
+
+def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read(MAX_FILE + 1)
+    with Path(path).open("rb") as f:
+        return f.read(MAX_FILE + 1)
+
+
+def report(
+    request: Request,
+    *,
+    now: int,
+    clock_skew: int = 0,
+    service_did: str | None = None,
+    resolver: Resolver | None = None,
+) -> dict[str, Any]:
+    """The JSON document of CONTRACT §7 for a decoded request."""
+    tokens = [
+        {"kind": _kind(t), "cid": str(t.cid), "iss": t.iss, "cmd": t.cmd} for t in request.tokens
+    ]
+    proofs: dict[CID, Delegation] = request.delegations
+    invocations = []
+    for inv in request.invocations:
+        error: dict[str, str] | None = None
+        try:
+            if service_did is not None:
+                check_audience(inv, service_did)
+            validate_invocation(inv, proofs, now=now, clock_skew=clock_skew, resolver=resolver)
+        except ValidationError as exc:
+            error = {"name": exc.name, "message": exc.message}
+        invocations.append(
+            {
+                "cid": str(inv.cid),
+                "task": str(inv.task_cid),
+                "iss": inv.iss,
+                "sub": inv.sub,
+                "aud": inv.aud,
+                "cmd": inv.cmd,
+                "args": to_dag_json(inv.args),
+                "valid": error is None,
+                "error": error,
+            }
+        )
+    return {"tokens": tokens, "invocations": invocations}
+
+
+def _text(doc: dict[str, Any], dropped: list[str], now: int) -> str:
+    lines = [f"{len(doc['tokens'])} token(s), validated at {now}:"]
+    for t in doc["tokens"]:
+        lines.append(f"  {t['kind']:<10} {t['cid']}  {t['cmd']}  from {t['iss']}")
+    for reason in dropped:
+        lines.append(f"  skipped    {reason}")
+    for inv in doc["invocations"]:
+        verdict = "VALID" if inv["valid"] else f"INVALID {inv['error']['name']}"
+        lines.append("")
+        lines.append(f"invocation {inv['cid']}: {verdict}")
+        if not inv["valid"]:
+            lines.append(f"  reason:  {inv['error']['message']}")
+        lines.append(f"  task:    {inv['task']}")
+        lines.append(f"  command: {inv['cmd']}")
+        lines.append(f"  issuer:  {inv['iss']}")
+        lines.append(f"  subject: {inv['sub']}")
+        lines.append(f"  audience: {inv['aud'] if inv['aud'] is not None else '(none: subject)'}")
+        lines.append(f"  args:    {json.dumps(inv['args'], ensure_ascii=False, sort_keys=False)}")
+    if not doc["invocations"]:
+        lines.append("no invocations")
+    return "\n".join(lines)
+
+
+def inspect_main(args: argparse.Namespace, settings: Settings) -> int:
+    """Decode FILE, validate each invocation against the delegations beside it, print.
+
+    Returns:
+        0 when every invocation is valid, 1 when one is invalid or nothing can be decoded,
+        2 when the file cannot be read.
+    """
+    try:
+        body = _read(args.file)
+    except OSError as exc:
+        print(
+            f"forge-worker inspect: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr
+        )
+        return EXIT_USAGE
+    if len(body) > MAX_FILE:
+        print(
+            f"forge-worker inspect: cannot read {args.file}: larger than {MAX_FILE} bytes",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        request = decode_request(body, max_size=MAX_FILE)
+    except DecodeError as exc:
+        print(f"forge-worker inspect: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if not request.tokens:
+        reason = request.dropped[0] if request.dropped else "the container is empty"
+        print(f"forge-worker inspect: no readable token: {reason}", file=sys.stderr)
+        return EXIT_INVALID
+    now = int(time.time()) if args.now is None else int(args.now)
+    skew = int(getattr(args, "clock_skew", 0) or 0)
+    doc = report(
+        request,
+        now=now,
+        clock_skew=skew,
+        service_did=args.service_did,
+        resolver=_resolver(settings, args.service_did),
+    )
+    if args.json:
+        for reason in request.dropped:
+            print(f"forge-worker inspect: skipped {reason}", file=sys.stderr)
+        print(json.dumps(doc, ensure_ascii=False))
+    else:
+        print(_text(doc, request.dropped, now))
+    return EXIT_OK if all(i["valid"] for i in doc["invocations"]) else EXIT_INVALID
