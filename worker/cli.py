@@ -137,19 +137,45 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--json", action="store_true", help="print one JSON document")
 
     dg = sub.add_parser("delegate", help="sign a delegation with the service key")
-    dg.add_argument("--key", required=True, metavar="KEY", help="the issuer's key (the service)")
+    dg.add_argument(
+        "--key",
+        required=True,
+        metavar="KEY",
+        help="the issuer's key (the service): @PATH, a file, or the key itself",
+    )
     dg.add_argument("--to", required=True, metavar="DID", help="audience of the delegation")
-    dg.add_argument("--command", required=True, metavar="CMD", help="e.g. /customer/add")
+    # dest: "command" is the subcommand's own name
+    dg.add_argument(
+        "--command",
+        dest="delegated_command",
+        required=True,
+        metavar="CMD",
+        help="e.g. /customer/add",
+    )
     dg.add_argument("--expires-in", type=int, metavar="SECONDS", help="default: never expires")
     dg.add_argument("--subject", metavar="DID", help="subject (default: the issuer's DID)")
     dg.add_argument("--issuer-did", metavar="DID", help="act as this DID (e.g. did:web)")
-    dg.add_argument("--policy", metavar="JSON", help="policy statements as JSON")
+    dg.add_argument("--policy", metavar="JSON", help="policy statements as a JSON array (or @PATH)")
     dg.add_argument("--out", required=True, metavar="FILE", help="write the container here")
+    dg.add_argument(
+        "--base64",
+        action="store_true",
+        help="write the base64 container form (header 'B'), e.g. for a config value",
+    )
+    dg.add_argument("--json", action="store_true", help="print one JSON document")
 
     eq = sub.add_parser("enqueue", help="publish /customer/add and optionally await its receipt")
-    eq.add_argument("--key", required=True, metavar="KEY", help="the producer's key")
+    eq.add_argument(
+        "--key", required=True, metavar="KEY", help="the producer's key: @PATH, a file, or the key"
+    )
+    eq.add_argument("--issuer-did", metavar="DID", help="sign as this DID (e.g. did:web)")
     eq.add_argument("--proof", metavar="FILE", help="container with the delegation chain")
     eq.add_argument("--service", required=True, metavar="DID", help="the worker's service DID")
+    eq.add_argument(
+        "--service-key-did",
+        metavar="DID",
+        help="did:key of the service's key, to verify receipts of a did:web service",
+    )
     eq.add_argument("--customer", metavar="DID", help="customer DID")
     eq.add_argument("--product", metavar="DID", help="product DID")
     eq.add_argument("--external-account", metavar="X", help="payment system account id")
@@ -173,7 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --wait: how long to wait for the receipt",
     )
-    eq.add_argument("--wait", action="store_true", help="wait for the verified receipt")
+    eq.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="publish the same invocation up to N times while no receipt comes (default 3)",
+    )
+    eq.add_argument(
+        "--wait", action="store_true", help="wait for the verified receipt (bulk always waits)"
+    )
     eq.add_argument("--json", action="store_true", help="print one JSON document")
     _setting_flags(eq, ("amqp_url", "queue", "log_format"))
     return p
