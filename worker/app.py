@@ -1,0 +1,190 @@
+"""``forge-worker run``: resources in one AsyncExitStack, signals, and a bounded drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import asyncpg
+
+from worker import log as logs
+from worker import store
+from worker.broker import Broker
+from worker.config import Settings
+from worker.consumer import Consumer
+from worker.errors import Unreachable
+from worker.keyfile import ServiceKey, load_service_key
+from worker.metrics import Metrics
+
+HTTP_HOST: Final = "127.0.0.1"
+#: seconds between queue-depth polls (worker.ops.DepthPoller)
+DEPTH_POLL_INTERVAL: Final = 15.0
+
+
+@dataclass
+class Health:
+    """The readiness facts (``worker.http.Probes``): can this worker make progress?"""
+
+    broker: Broker | None = None
+    pool: asyncpg.Pool | None = None
+    key: ServiceKey | None = None
+    #: set once a stop was asked for (SIGTERM/SIGINT or the fixture's exit)
+    stopping: bool = False
+
+    def broker_connected(self) -> bool:
+        """The AMQP connection and the worker's channels are open."""
+        return self.broker is not None and self.broker.connected
+
+    def consumer_registered(self) -> bool:
+        """The inbox consumer is registered on the live channel (not cancelled)."""
+        return not self.stopping and self.broker is not None and self.broker.consumer_registered()
+
+    async def database_reachable(self) -> bool:
+        """A pooled connection answers ``SELECT 1`` within 2 s."""
+        return self.pool is not None and await store.ping(self.pool)
+
+    def key_loaded(self) -> bool:
+        """The service signing key is loaded."""
+        return self.key is not None
+
+    async def ready(self) -> bool:
+        """Every fact at once."""
+        return (
+            self.broker_connected()
+            and self.consumer_registered()
+            and self.key_loaded()
+            and await self.database_reachable()
+        )
+
+
+@dataclass
+class App:
+    """One running worker: what it is made of, for the HTTP server, ops and tests."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    health: Health = field(default_factory=Health)
+    key: ServiceKey | None = None
+    broker: Broker | None = None
+    pool: asyncpg.Pool | None = None
+    consumer: Consumer | None = None
+    #: the HTTP server's bound port (None when off)
+    http_port: int | None = None
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def service_did(self) -> str:
+        assert self.key is not None
+        return self.key.signer.did
+
+    def request_stop(self) -> None:
+        """Ask the worker to stop (what SIGTERM does)."""
+        self.health.stopping = True
+        self.stop_requested.set()
+
+
+async def _migrate(pool: asyncpg.Pool) -> list[store.Migration]:
+    try:
+        async with pool.acquire() as conn:
+            return await store.migrate(conn)
+    except store.CONNECTION_ERRORS as exc:
+        raise Unreachable(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, *, key: ServiceKey | None = None) -> AsyncIterator[App]:
+    """Start a worker on ``settings`` (migrations, topology, HTTP, consumer) while entered.
+
+    Leaving the block stops consuming, drains in-flight work (bounded by
+    ``settings.shutdown_timeout``) and closes everything.
+
+    Raises:
+        ConfigError: a bad key or a queue declared with other arguments.
+        Unreachable: the broker or the database cannot be reached.
+    """
+    log = logs.get_logger()
+    app = App(settings)
+    app.key = key or load_service_key(settings, log)
+    app.health.key = app.key
+    log.info(
+        "worker_starting",
+        service_did=app.key.signer.did,
+        key_source=app.key.source,
+        queue=settings.queue,
+        receipt_queue=settings.receipt_queue,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        app.pool = await store.create_pool(settings.database_url)
+        stack.push_async_callback(app.pool.close)
+        app.health.pool = app.pool
+        applied = await _migrate(app.pool)
+        for mig in applied:
+            log.info("migration_applied", version=mig.version, name=mig.name)
+
+        app.broker = await Broker.connect(settings)
+        stack.push_async_callback(app.broker.close)
+        app.health.broker = app.broker
+        await app.broker.declare_topology()
+
+        if settings.http_port and importlib.util.find_spec("worker.http") is not None:
+            from worker.http import serve_http
+
+            server = await stack.enter_async_context(
+                serve_http(HTTP_HOST, settings.http_port, app.metrics, app.health)
+            )
+            app.http_port = server.port
+            log.info("http_serving", host=HTTP_HOST, port=server.port)
+        if importlib.util.find_spec("worker.ops") is not None:
+            from worker.ops import DepthPoller
+
+            await stack.enter_async_context(
+                DepthPoller.for_settings(
+                    app.broker.connection, settings, app.metrics, interval=DEPTH_POLL_INTERVAL
+                )
+            )
+
+        app.consumer = Consumer(settings, app.broker, app.pool, app.key.signer, app.metrics, log)
+        await app.consumer.start()
+        log.info("worker_started", prefetch=settings.prefetch)
+        try:
+            yield app
+        finally:
+            app.health.stopping = True
+            drained = await app.consumer.stop(float(settings.shutdown_timeout))
+            log.info("worker_stopped", drained=drained)
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then drain and exit 0."""
+    loop = asyncio.get_running_loop()
+    async with running(settings) as app:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, app.request_stop)
+        try:
+            await app.stop_requested.wait()
+            logs.get_logger().info("worker_stopping", reason="signal")
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    return 0
+
+
+def _runner() -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is installed wherever it builds
+        return asyncio.run
+    return uvloop.run
+
+
+def run_main(args: argparse.Namespace, settings: Settings) -> int:
+    """``forge-worker run``: the worker, until SIGTERM or SIGINT."""
+    logs.configure(settings.log_format)
+    result: int = _runner()(serve(settings))
+    return result

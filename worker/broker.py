@@ -1,0 +1,241 @@
+"""RabbitMQ: the robust connection, the worker's topology, and publishing with confirms."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+
+from worker import topology
+from worker.config import Settings
+from worker.errors import ConfigError, Transient, Unreachable
+
+#: seconds to wait for the broker to confirm one publish before calling it transient
+PUBLISH_TIMEOUT: Final = 10.0
+CONNECT_TIMEOUT: Final = 10.0
+
+
+class PublishFailed(Transient):
+    """The broker did not confirm a publish (nack, return, timeout or lost channel)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message to publish through the default exchange."""
+
+    routing_key: str
+    body: bytes
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    message_id: str | None = None
+    timestamp: datetime | None = None
+    content_type: str | None = None
+    content_encoding: str | None = None
+    type: str | None = None
+    app_id: str | None = None
+
+
+def copy_of(msg: AbstractIncomingMessage, routing_key: str, headers: Mapping[str, Any]) -> Outgoing:
+    """A copy of ``msg`` for ``routing_key`` keeping its properties, with ``headers`` added."""
+    merged = {**(msg.headers or {}), **headers}
+    # the broker's own death history is not ours to forward: it would grow with each hop
+    merged.pop("x-death", None)
+    for name in ("x-first-death-exchange", "x-first-death-queue", "x-first-death-reason"):
+        merged.pop(name, None)
+    for name in ("x-last-death-exchange", "x-last-death-queue", "x-last-death-reason"):
+        merged.pop(name, None)
+    merged.pop("x-delivery-count", None)
+    return Outgoing(
+        routing_key=routing_key,
+        body=msg.body,
+        headers=merged,
+        correlation_id=msg.correlation_id,
+        reply_to=msg.reply_to,
+        message_id=msg.message_id,
+        timestamp=msg.timestamp,
+        content_type=msg.content_type,
+        content_encoding=msg.content_encoding,
+        type=msg.type,
+        app_id=msg.app_id,
+    )
+
+
+def queue_declarations(settings: Settings) -> list[tuple[str, dict[str, object]]]:
+    """(name, arguments) of every queue the worker declares, inbox first."""
+    q = settings.queue
+    decl: list[tuple[str, dict[str, object]]] = [
+        (q, topology.inbox_arguments(q, settings.delivery_limit)),
+        (topology.dead_letter_name(q), topology.plain_quorum_arguments()),
+    ]
+    decl += [
+        (topology.retry_name(q, d), topology.retry_arguments(q, d)) for d in settings.retry_delays
+    ]
+    decl.append((settings.receipt_queue, topology.plain_quorum_arguments()))
+    return decl
+
+
+class Broker:
+    """The worker's connection: a consuming channel and a confirming publishing channel."""
+
+    def __init__(self, connection: AbstractRobustConnection, settings: Settings) -> None:
+        self.connection = connection
+        self.settings = settings
+        self._consume_channel: AbstractRobustChannel | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self.inbox: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> Broker:
+        """Connect (robustly: it reconnects by itself later) and open the channels.
+
+        Raises:
+            Unreachable: the broker cannot be reached or refuses the login.
+        """
+        try:
+            conn = await aio_pika.connect_robust(
+                settings.amqp_url,
+                timeout=CONNECT_TIMEOUT,
+                client_properties={"connection_name": f"forge-worker {settings.queue}"},
+            )
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            raise Unreachable(f"cannot reach the broker: {type(exc).__name__}: {exc}") from None
+        broker = cls(conn, settings)
+        try:
+            broker._consume_channel = await conn.channel()
+            broker._publish_channel = await conn.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except BaseException:
+            await conn.close()
+            raise
+        return broker
+
+    async def declare_topology(self) -> None:
+        """Declare every queue (idempotent: an identical declaration is a no-op).
+
+        Raises:
+            ConfigError: a queue exists with other arguments (the broker refused it).
+        """
+        assert self._consume_channel is not None
+        for name, arguments in queue_declarations(self.settings):
+            # a probe channel per queue: a refused declaration closes the channel it ran on
+            ch = await self.connection.channel()
+            try:
+                await ch.declare_queue(name, durable=True, arguments=arguments)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise ConfigError(
+                    f"cannot declare queue {name!r}: it exists with other arguments ({exc}); "
+                    "delete it or use another FORGE_WORKER_QUEUE"
+                ) from None
+            finally:
+                if not ch.is_closed:
+                    await ch.close()
+        q = self.settings.queue
+        self.inbox = await self._consume_channel.declare_queue(
+            q, durable=True, arguments=topology.inbox_arguments(q, self.settings.delivery_limit)
+        )
+
+    async def start_consuming(
+        self, callback: Callable[[AbstractIncomingMessage], Awaitable[None]], prefetch: int
+    ) -> None:
+        """Consume the inbox; the robust channel re-subscribes after a reconnect or a cancel."""
+        assert self._consume_channel is not None and self.inbox is not None
+        await self._consume_channel.set_qos(prefetch_count=prefetch)
+        self._consumer_tag = await self.inbox.consume(callback, no_ack=False)
+
+    async def stop_consuming(self) -> None:
+        """Cancel the consumer: no new deliveries; unacked ones stay ours until settled."""
+        if self.inbox is not None and self._consumer_tag is not None:
+            tag, self._consumer_tag = self._consumer_tag, None
+            # a dead channel has cancelled it already
+            with contextlib.suppress(Exception):
+                await self.inbox.cancel(tag, timeout=5)
+
+    @property
+    def connected(self) -> bool:
+        """The connection and both channels are open."""
+        return not self.connection.is_closed and all(
+            ch is not None and not ch.is_closed
+            for ch in (self._consume_channel, self._publish_channel)
+        )
+
+    def consumer_registered(self) -> bool:
+        """Our consumer is registered on the live channel (not cancelled, not reconnecting)."""
+        ch = self._consume_channel
+        if self._consumer_tag is None or ch is None or ch.is_closed or not self.connected:
+            return False
+        try:
+            underlay = ch.channel  # type: ignore[attr-defined]
+        except Exception:
+            return False
+        return self._consumer_tag in getattr(underlay, "consumers", {})
+
+    async def publish(self, out: Outgoing, *, confirm_within: float = PUBLISH_TIMEOUT) -> None:
+        """Publish persistent and ``mandatory`` and wait for the broker's confirm.
+
+        Raises:
+            PublishFailed: nacked, returned (no such queue), not confirmed in time, or the
+                channel was lost; whether the broker kept it is then unknown.
+        """
+        ch = self._publish_channel
+        assert ch is not None
+        message = aio_pika.Message(
+            out.body,
+            headers=dict(out.headers),
+            content_type=out.content_type,
+            content_encoding=out.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            correlation_id=out.correlation_id,
+            reply_to=out.reply_to,
+            message_id=out.message_id,
+            timestamp=out.timestamp,
+            type=out.type,
+            app_id=out.app_id,
+        )
+        try:
+            await ch.default_exchange.publish(
+                message, out.routing_key, mandatory=True, timeout=confirm_within
+            )
+        except aiormq.exceptions.PublishError as exc:
+            raise PublishFailed(
+                f"cannot publish to {out.routing_key!r}: returned by the broker "
+                f"({_reply_text(exc)})"
+            ) from None
+        except aiormq.exceptions.DeliveryError:
+            raise PublishFailed(f"cannot publish to {out.routing_key!r}: nacked") from None
+        except TimeoutError:
+            raise PublishFailed(f"cannot publish to {out.routing_key!r}: no confirm") from None
+        except (
+            aiormq.exceptions.AMQPError,
+            aiormq.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+            RuntimeError,
+        ) as exc:
+            raise PublishFailed(
+                f"cannot publish to {out.routing_key!r}: {type(exc).__name__}"
+            ) from None
+
+    async def close(self) -> None:
+        """Close the connection (its channels with it)."""
+        if not self.connection.is_closed:
+            await self.connection.close()
+
+
+def _reply_text(exc: aiormq.exceptions.PublishError) -> str:
+    returned = getattr(exc, "message", None)
+    frame = getattr(returned, "delivery", None)
+    text = getattr(frame, "reply_text", None)
+    return str(text) if text else "unroutable"

@@ -1,0 +1,618 @@
+"""The pipeline, batch by batch, and THE one place that decides ack, retry or dead-letter.
+
+Messages of the prefetch window are taken as they have arrived (a lone message is processed
+at once; it never waits for a batch to fill). For each batch:
+
+1. decode each request; an undecodable one is dead-lettered (permanent);
+2. for each invocation addressed to the service: handler lookup (``HandlerNotFound``),
+   full validation, the handler's own checks; a failure is answered with a signed error
+   receipt, never stored;
+3. ONE transaction: record first arrivals, re-validate time-bound failures as of the first
+   arrival, answer tasks already in the ledger with their stored bytes (nothing executed),
+   store the new receipts and apply the handlers set-based;
+4. publish one response container per request, concurrently, each with a confirm;
+5. settle: ack (``multiple=True`` over contiguous delivery tags), or on a transient failure
+   publish a confirmed copy to the next retry tier (the last tier exhausted: to the
+   dead-letter queue) and only then ack the original.
+
+A failure of one message (or one row) never fails its neighbours: a batch transaction that
+fails for a reason other than a lost database is retried one message per transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+from structlog.typing import FilteringBoundLogger
+
+from worker import store, topology
+from worker.broker import Broker, Outgoing, PublishFailed, copy_of
+from worker.commands import CommandError, Handler, lookup
+from worker.config import Settings
+from worker.metrics import Metrics
+from worker.ucan import (
+    DecodeError,
+    Invocation,
+    Request,
+    Resolver,
+    Signer,
+    ValidationError,
+    build_receipt,
+    decode_request,
+    encode_container,
+    validate_invocation,
+)
+
+#: most messages in one batch (one transaction)
+MAX_BATCH: Final = 100
+#: batches processed at the same time (their transactions and publishes overlap)
+MAX_CONCURRENT_BATCHES: Final = 4
+#: seconds one batch's database work may take before it counts as a transient failure
+DB_TIMEOUT: Final = 15.0
+#: validation errors re-checked as of an invocation's first arrival
+_TIME_ERRORS: Final = frozenset({"Expired", "TooEarly"})
+
+_RETRY_SQLSTATES: Final = ("08", "53", "57", "40")  # connection, resources, shutdown, conflicts
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """True for a lost or overloaded database (retry later), False for a row-specific error."""
+    if isinstance(exc, store.CONNECTION_ERRORS):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        return state.startswith(_RETRY_SQLSTATES)
+    return False
+
+
+@dataclass(slots=True)
+class Job:
+    """One invocation of a request, addressed to the service."""
+
+    inv: Invocation
+    handler: Handler | None = None
+    prepared: object = None
+    #: (name, message) when the invocation is refused
+    error: tuple[str, str] | None = None
+    receipt: bytes | None = None
+    duplicate: bool = False
+
+    @property
+    def task(self) -> str:
+        return str(self.inv.task_cid)
+
+    @property
+    def cid(self) -> str:
+        return str(self.inv.cid)
+
+
+@dataclass(slots=True)
+class Item:
+    """One delivered message and what became of it."""
+
+    msg: AbstractIncomingMessage
+    channel: Any
+    received: float
+    attempt: int = 0
+    request: Request | None = None
+    jobs: list[Job] = field(default_factory=list)
+    #: set when the message failed: ``permanent`` (dead-letter) or ``transient`` (retry)
+    failure: str | None = None
+    reason: str = ""
+    error: str = ""
+
+    def fail(self, kind: str, reason: str, error: str) -> None:
+        if self.failure != "permanent":  # a permanent verdict is never softened
+            self.failure, self.reason, self.error = kind, reason, error
+
+
+def _attempt(msg: AbstractIncomingMessage, tiers: int) -> int:
+    """The worker's own attempt counter; clamped, since headers are the sender's to write."""
+    raw = (msg.headers or {}).get(topology.H_ATTEMPT)
+    try:
+        value = int(raw) if isinstance(raw, (int, str, bytes)) else 0
+    except ValueError:
+        return 0
+    return max(0, min(value, tiers))
+
+
+def _now() -> float:
+    return time.time()
+
+
+class AckTracker:
+    """Acks with ``multiple=True`` only over delivery tags with nothing unsettled below them.
+
+    Delivery tags are per channel; a channel lost with its messages (the broker requeues
+    them) is forgotten.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[Any, set[int]] = {}
+        self._done: dict[Any, set[int]] = {}
+
+    def received(self, channel: Any, tag: int) -> None:
+        self._open.setdefault(channel, set()).add(tag)
+
+    def forget(self, channel: Any, tag: int) -> None:
+        """The message was settled another way (nack)."""
+        self._open.get(channel, set()).discard(tag)
+
+    def done(self, channel: Any, tags: Sequence[int]) -> int | None:
+        """Mark ``tags`` ready to ack; returns the tag to ack with ``multiple=True``, if any."""
+        done = self._done.setdefault(channel, set())
+        done.update(tags)
+        pending = self._open.get(channel, set()) - done
+        low = min(pending) if pending else None
+        ackable = [t for t in done if low is None or t < low]
+        if not ackable:
+            return None
+        top = max(ackable)
+        done.difference_update(ackable)
+        self._open[channel].difference_update(ackable)
+        return top
+
+    def drop_channel(self, channel: Any) -> None:
+        self._open.pop(channel, None)
+        self._done.pop(channel, None)
+
+    def unsettled(self) -> int:
+        return sum(len(v) for v in self._open.values())
+
+
+class Consumer:
+    """Consumes the inbox in batches and settles every message (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        pool: asyncpg.Pool,
+        signer: Signer,
+        metrics: Metrics,
+        log: FilteringBoundLogger,
+        *,
+        clock: Callable[[], float] = _now,
+        max_batch: int = MAX_BATCH,
+        max_concurrent_batches: int = MAX_CONCURRENT_BATCHES,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.pool = pool
+        self.signer = signer
+        self.metrics = metrics
+        self.log = log
+        self.clock = clock
+        self.max_batch = max_batch
+        self.service_did = signer.did
+        static = {signer.did: [signer.public_key]} if signer.did != signer.key_did else {}
+        self.resolver = Resolver(static)
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._batches: set[asyncio.Task[None]] = set()
+        self._acks = AckTracker()
+        self._pending_arrivals: dict[str, datetime] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        #: settles when nothing is buffered or being processed
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # --- consuming -------------------------------------------------------------------------
+
+    async def on_message(self, msg: AbstractIncomingMessage) -> None:
+        """aio-pika's callback: buffer the delivery (no awaiting: tags stay in order)."""
+        channel = msg.channel
+        assert msg.delivery_tag is not None
+        self._acks.received(channel, msg.delivery_tag)
+        attempt = _attempt(msg, len(self.settings.retry_delays))
+        self._queue.put_nowait(Item(msg, channel, time.monotonic(), attempt))
+        self.idle.clear()
+        self.metrics.in_flight.inc()
+        if msg.timestamp is not None:
+            ts = msg.timestamp
+            if ts.tzinfo is None:
+                ts = ts.replace(tzinfo=UTC)
+            self.metrics.message_age.observe(max(0.0, self.clock() - ts.timestamp()))
+
+    async def start(self) -> None:
+        """Start the batch loop and subscribe to the inbox."""
+        self._loop_task = asyncio.create_task(self._loop(), name="forge-worker-batches")
+        await self.broker.start_consuming(self.on_message, self.settings.prefetch)
+
+    async def stop(self, drain_within: float) -> bool:
+        """Stop consuming, finish what was delivered (within ``drain_within`` s), stop the loop.
+
+        Returns True when everything in flight was settled in time.
+        """
+        await self.broker.stop_consuming()
+        drained = True
+        try:
+            async with asyncio.timeout(drain_within):
+                await self.idle.wait()
+        except TimeoutError:
+            drained = False
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in list(self._batches):
+            task.cancel()
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
+        return drained
+
+    async def _loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            await self._slots.acquire()
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            task = asyncio.create_task(self._run_batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("batch_crashed", error=repr(task.exception()))
+        if not self._batches and self._queue.empty():
+            self.idle.set()
+
+    # --- one batch -------------------------------------------------------------------------
+
+    async def _run_batch(self, batch: list[Item]) -> None:
+        try:
+            await self.process(batch)
+        finally:
+            self.metrics.in_flight.dec(len(batch))
+
+    async def process(self, batch: list[Item]) -> None:
+        """Decode, validate, store, answer and settle ``batch``."""
+        now = self.clock()
+        try:
+            for item in batch:
+                self._decode(item)
+                for job in item.jobs:
+                    assert item.request is not None
+                    self._check(job, now, item.request.delegations)
+            await self._store(batch, now)
+            await self._answer(batch, now)
+        except Exception as exc:  # a bug: retry (then dead-letter), never drop the batch
+            self.log.exception("batch_failed", error=_describe(exc))
+            for item in batch:
+                item.fail("transient", "internal", _describe(exc))
+        await self._settle(batch)
+
+    def _decode(self, item: Item) -> None:
+        try:
+            item.request = decode_request(item.msg.body, max_size=self.settings.max_message_size)
+        except DecodeError as exc:
+            item.fail("permanent", "undecodable", str(exc))
+            return
+        except Exception as exc:  # a decoder bug must not lose the message: dead-letter it
+            item.fail("permanent", "undecodable", f"{type(exc).__name__}: {exc}")
+            return
+        for inv in item.request.invocations:
+            if (inv.aud or inv.sub) == self.service_did:
+                item.jobs.append(Job(inv))
+
+    def _check(self, job: Job, now: float, proofs: Any) -> None:
+        """Dispatcher order of ucantone: handler, then validation, then the handler's checks."""
+        inv = job.inv
+        job.handler = lookup(inv.cmd)
+        if job.handler is None:
+            job.error = ("HandlerNotFound", f"no handler for command {inv.cmd!r} at this service")
+            return
+        self._validate(job, now, proofs)
+
+    def _validate(self, job: Job, at: float, proofs: Any) -> None:
+        assert job.handler is not None
+        try:
+            validate_invocation(
+                job.inv,
+                proofs,
+                now=int(at),
+                clock_skew=self.settings.clock_skew,
+                resolver=self.resolver,
+            )
+            job.prepared = job.handler.prepare(job.inv, self.service_did)
+            job.error = None
+        except (ValidationError, CommandError) as exc:
+            job.error = (exc.name, exc.message)
+
+    # --- the transaction -------------------------------------------------------------------
+
+    async def _store(self, batch: list[Item], now: float) -> None:
+        live = [i for i in batch if i.failure is None and i.jobs]
+        arrivals = self._arrivals_to_record(live, now)
+        if not live and not arrivals:
+            return
+        try:
+            async with asyncio.timeout(DB_TIMEOUT):
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await self._transaction(conn, live, arrivals, now)
+            self._flushed(arrivals)
+            return
+        except Exception as exc:
+            self._reset(live)
+            if is_transient_db_error(exc) or len(live) <= 1:
+                for item in live:
+                    item.fail("transient", "database", _describe(exc))
+                return
+            self.log.warning("batch_split", size=len(live), error=_describe(exc))
+        # a row-specific failure: one message per transaction, so the others go through
+        for item in live:
+            try:
+                async with asyncio.timeout(DB_TIMEOUT):
+                    async with self.pool.acquire() as conn, conn.transaction():
+                        await self._transaction(conn, [item], arrivals, now)
+                self._flushed(arrivals)
+            except Exception as exc:
+                self._reset([item])
+                item.fail("transient", "database", _describe(exc))
+
+    def _reset(self, items: list[Item]) -> None:
+        """Forget what a rolled-back transaction decided (receipts it did not store)."""
+        for item in items:
+            for job in item.jobs:
+                if job.error is None:
+                    job.receipt, job.duplicate = None, False
+
+    def _arrivals_to_record(self, live: list[Item], now: float) -> dict[str, datetime]:
+        seen = datetime.fromtimestamp(now, UTC)
+        arrivals = dict(self._pending_arrivals)
+        for item in live:
+            if item.msg.redelivered or item.attempt > 0:
+                for job in item.jobs:
+                    arrivals.setdefault(job.cid, seen)
+        return arrivals
+
+    def _flushed(self, arrivals: dict[str, datetime]) -> None:
+        for cid in arrivals:
+            self._pending_arrivals.pop(cid, None)
+
+    async def _transaction(
+        self,
+        conn: asyncpg.Connection,
+        items: list[Item],
+        arrivals: dict[str, datetime],
+        now: float,
+    ) -> None:
+        await store.record_arrivals(conn, arrivals)
+        jobs = [j for i in items for j in i.jobs]
+        # time bounds as of the first arrival: the arrivals table, or when the ledger stored
+        # the task's receipt (it was valid then); never a header
+        late = [j for j in jobs if j.error is not None and j.error[0] in _TIME_ERRORS]
+        ledger: dict[str, tuple[bytes, datetime]] = {}
+        if jobs:
+            ledger = await store.stored_receipts(conn, {j.task for j in jobs})
+        if late:
+            first = await store.first_arrivals(conn, [j.cid for j in late])
+            for job in late:
+                seen = [t for t in (first.get(job.cid), ledger.get(job.task, (b"", None))[1]) if t]
+                if seen:
+                    previous = job.error
+                    self._validate(job, min(seen).timestamp(), self._proofs_of(items, job))
+                    if job.error is not None:
+                        job.error = previous
+        valid = [j for j in jobs if j.error is None]
+        new: dict[str, Job] = {}
+        for job in valid:
+            if job.task in ledger:
+                job.receipt, job.duplicate = ledger[job.task][0], True
+            elif job.task not in new:
+                new[job.task] = job
+        iat = int(now)
+        for job in new.values():
+            job.receipt = build_receipt(self.signer, ran=job.inv.task_cid, iat=iat)
+        inserted = await store.insert_receipts(
+            conn, [(t, j.cid, j.receipt) for t, j in sorted(new.items()) if j.receipt]
+        )
+        lost = [t for t in new if t not in inserted]
+        if lost:  # another worker stored these tasks first: answer with its bytes
+            ledger.update(await store.stored_receipts(conn, lost))
+        by_handler: dict[str, list[object]] = {}
+        handlers: dict[str, Handler] = {}
+        for job in valid:
+            if job.duplicate:
+                continue
+            if job.task in inserted and new.get(job.task) is job:
+                assert job.handler is not None
+                handlers[job.handler.COMMAND] = job.handler
+                by_handler.setdefault(job.handler.COMMAND, []).append(job.prepared)
+            else:  # a repeat of a task within this batch, or stored by another worker
+                job.duplicate = True
+                job.receipt = ledger[job.task][0] if job.task in ledger else new[job.task].receipt
+        for command, prepared in by_handler.items():
+            await handlers[command].apply(conn, prepared)
+
+    @staticmethod
+    def _proofs_of(items: list[Item], job: Job) -> Any:
+        for item in items:
+            if job in item.jobs and item.request is not None:
+                return item.request.delegations
+        return {}
+
+    # --- responses -------------------------------------------------------------------------
+
+    async def _answer(self, batch: list[Item], now: float) -> None:
+        iat = int(now)
+        sends: list[tuple[Item, Outgoing]] = []
+        for item in batch:
+            if item.failure is not None or not item.jobs:
+                continue
+            for job in item.jobs:
+                if job.error is not None:
+                    job.receipt = build_receipt(
+                        self.signer, ran=job.inv.task_cid, error=job.error, iat=iat
+                    )
+            body = encode_container([j.receipt for j in item.jobs if j.receipt is not None])
+            msg = item.msg
+            sends.append(
+                (
+                    item,
+                    Outgoing(
+                        routing_key=msg.reply_to or self.settings.receipt_queue,
+                        body=body,
+                        correlation_id=msg.correlation_id or msg.message_id,
+                        content_type=topology.CONTENT_TYPE,
+                        timestamp=datetime.fromtimestamp(now, UTC),
+                    ),
+                )
+            )
+        results = await asyncio.gather(
+            *(self.broker.publish(out) for _, out in sends), return_exceptions=True
+        )
+        for (item, _), result in zip(sends, results, strict=True):
+            if isinstance(result, PublishFailed):
+                item.fail("transient", "publish", str(result))
+            elif isinstance(result, BaseException):
+                item.fail("transient", "publish", _describe(result))
+            else:
+                self.metrics.receipts_published.inc()
+
+    # --- settling: the one place that decides ----------------------------------------------
+
+    async def _settle(self, batch: list[Item]) -> None:
+        copies: list[tuple[Item, Outgoing, str]] = []
+        now = self.clock()
+        for item in batch:
+            if item.failure is None:
+                continue
+            if item.failure == "transient":
+                for job in item.jobs:
+                    self._pending_arrivals.setdefault(job.cid, datetime.fromtimestamp(now, UTC))
+            copies.append((item, *self._successor(item, now)))
+        results = await asyncio.gather(
+            *(self.broker.publish(out) for _, out, _ in copies), return_exceptions=True
+        )
+        unsettled: set[int] = set()
+        for (item, out, outcome), result in zip(copies, results, strict=True):
+            if isinstance(result, BaseException):
+                # the successor is not confirmed, so the original must stay: back to the queue
+                unsettled.add(id(item))
+                self.log.error(
+                    "successor_unconfirmed", queue=out.routing_key, error=_describe(result)
+                )
+                await self._nack(item)
+            else:
+                self.metrics.messages.labels(outcome).inc()
+                self.log.warning(
+                    "request_" + outcome,
+                    message_id=item.msg.message_id,
+                    reason=item.reason,
+                    error=item.error,
+                    attempt=item.attempt + 1,
+                    queue=out.routing_key,
+                )
+        for item in batch:
+            if id(item) not in unsettled:
+                self._report(item)
+        await self._ack([i for i in batch if id(i) not in unsettled])
+        if self._pending_arrivals:
+            await self._flush_arrivals()
+
+    def _successor(self, item: Item, now: float) -> tuple[Outgoing, str]:
+        """Where a failed message goes next: a retry tier, or the dead-letter queue."""
+        msg, q = item.msg, self.settings.queue
+        attempts = item.attempt + 1
+        first = (msg.headers or {}).get(topology.H_FIRST_ARRIVAL)
+        headers: dict[str, Any] = {
+            topology.H_ATTEMPT: attempts,
+            topology.H_FIRST_ARRIVAL: first if isinstance(first, int) else int(now),
+            topology.H_ERROR: item.error[:500],
+            topology.H_ORIGIN_QUEUE: q,
+        }
+        delays = self.settings.retry_delays
+        if item.failure == "transient" and item.attempt < len(delays):
+            return copy_of(msg, topology.retry_name(q, delays[item.attempt]), headers), "retried"
+        headers[topology.H_REASON] = (
+            item.reason if item.failure == "permanent" else "retries-exhausted"
+        )
+        headers[topology.H_DEAD_LETTERED_AT] = int(now)
+        return copy_of(msg, topology.dead_letter_name(q), headers), "dead_lettered"
+
+    def _report(self, item: Item) -> None:
+        latency_ms = round((time.monotonic() - item.received) * 1000, 3)
+        self.metrics.latency.observe(latency_ms / 1000)
+        if item.failure is not None:
+            return
+        if not item.jobs:
+            self.metrics.messages.labels("skipped").inc()
+            self.log.info(
+                "request_skipped",
+                message_id=item.msg.message_id,
+                reason="no invocation for this service",
+                tokens=len(item.request.invocations) if item.request else 0,
+                latency_ms=latency_ms,
+            )
+            return
+        for job in item.jobs:
+            outcome = "duplicate" if job.duplicate else (job.error[0] if job.error else "ok")
+            self.metrics.messages.labels(outcome).inc()
+            if job.duplicate:
+                self.metrics.duplicates.inc()
+            self.log.info(
+                "invocation_answered",
+                invocation=job.cid,
+                task=job.task,
+                iss=job.inv.iss,
+                cmd=job.inv.cmd,
+                outcome=outcome,
+                error=job.error[1] if job.error else None,
+                latency_ms=latency_ms,
+            )
+
+    async def _ack(self, items: list[Item]) -> None:
+        by_channel: dict[Any, list[Item]] = {}
+        for item in items:
+            by_channel.setdefault(item.channel, []).append(item)
+        for channel, group in by_channel.items():
+            tags = [i.msg.delivery_tag for i in group if i.msg.delivery_tag is not None]
+            top = self._acks.done(channel, tags)
+            if top is None:
+                continue
+            try:
+                # shielded: a cancelled drain must not leave an effect acked only halfway
+                await asyncio.shield(channel.basic_ack(delivery_tag=top, multiple=True))
+            except Exception as exc:
+                # the channel is gone and the broker requeues its messages: the ledger
+                # answers them again byte for byte
+                self._acks.drop_channel(channel)
+                self.log.warning("ack_lost", error=_describe(exc))
+
+    async def _nack(self, item: Item) -> None:
+        assert item.msg.delivery_tag is not None
+        self._acks.forget(item.channel, item.msg.delivery_tag)
+        try:
+            await item.channel.basic_nack(delivery_tag=item.msg.delivery_tag, requeue=True)
+        except Exception:  # a lost channel requeues by itself
+            self._acks.drop_channel(item.channel)
+
+    async def _flush_arrivals(self) -> None:
+        pending = dict(self._pending_arrivals)
+        try:
+            async with asyncio.timeout(2.0):
+                async with self.pool.acquire() as conn:
+                    await store.record_arrivals(conn, pending)
+            self._flushed(pending)
+        except Exception as exc:  # kept in memory; the next batch transaction writes them
+            self.log.debug("arrivals_deferred", count=len(pending), error=_describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__

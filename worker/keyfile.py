@@ -1,0 +1,91 @@
+"""The service key: inline, from a file, or a development key created on first start."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from structlog.typing import FilteringBoundLogger
+
+from worker.config import Settings
+from worker.errors import ConfigError
+from worker.ucan import DecodeError, Signer
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKey:
+    """The signer the worker answers with, and where it came from."""
+
+    signer: Signer
+    #: ``inline``, ``file`` or ``development`` (created here, not for production)
+    source: str
+    path: Path | None = None
+
+
+def _parse(text: str, where: str) -> Signer:
+    try:
+        return Signer.parse(text.strip())
+    except DecodeError:
+        # never echo the key: name only where it came from
+        raise ConfigError(f"{where}: invalid value (not a valid key)") from None
+
+
+def _create_dev_key(path: Path) -> Signer:
+    signer = Signer.generate()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # O_EXCL: two workers starting together in one directory must not overwrite each other
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(signer.export() + "\n")
+    return signer
+
+
+def load_service_key(settings: Settings, log: FilteringBoundLogger) -> ServiceKey:
+    """The service signer from the settings, acting as ``settings.service_did`` if given.
+
+    Order: ``FORGE_WORKER_SERVICE_KEY``; else ``FORGE_WORKER_SERVICE_KEY_FILE``; else
+    ``.forge-worker/service.key``, created (mode 0600) when absent, with a warning that
+    it is a development identity. The key itself is never logged.
+
+    Raises:
+        ConfigError: a key is malformed or its file unreadable.
+    """
+    if settings.service_key is not None:
+        key = ServiceKey(_parse(settings.service_key, "FORGE_WORKER_SERVICE_KEY"), "inline")
+    else:
+        path = settings.key_path()
+        var = "FORGE_WORKER_SERVICE_KEY_FILE"
+        if settings.service_key_file is None and not path.exists():
+            try:
+                signer = _create_dev_key(path)
+            except FileExistsError:
+                signer = _parse(path.read_text(encoding="ascii"), str(path))
+            except OSError as exc:
+                raise ConfigError(f"cannot create a development key at {path}: {exc}") from None
+            key = ServiceKey(signer, "development", path)
+            log.warning(
+                "development_key_created",
+                path=str(path),
+                did=signer.did,
+                note="a development identity: configure FORGE_WORKER_SERVICE_KEY(_FILE) "
+                "for production",
+            )
+        else:
+            try:
+                text = path.read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{var}: cannot read {path}: {type(exc).__name__}") from None
+            source = "file" if settings.service_key_file is not None else "development"
+            key = ServiceKey(_parse(text, f"{var} ({path})"), source, path)
+            if source == "development":
+                log.warning(
+                    "development_key_loaded",
+                    path=str(path),
+                    did=key.signer.did,
+                    note="a development identity: configure FORGE_WORKER_SERVICE_KEY(_FILE) "
+                    "for production",
+                )
+    if settings.service_did is not None:
+        key = ServiceKey(key.signer.with_did(settings.service_did), key.source, key.path)
+    return key

@@ -1,0 +1,214 @@
+"""Postgres: the asyncpg pool, forward-only migrations, the receipt ledger and first arrivals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+import asyncpg
+
+from worker.config import Settings
+from worker.errors import Unreachable
+
+SCHEMA: Final = "forge_worker"
+#: taken for the whole migration run, so concurrent workers apply each migration once
+MIGRATION_LOCK: Final = 0x466F726765  # "Forge"
+_MIGRATION_FILE: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+#: errors that mean "the database is not there right now" rather than "this row is wrong"
+CONNECTION_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InterfaceError,
+)
+
+_CREATE_RECORD: Final = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"""
+_APPLIED: Final = f"SELECT version FROM {SCHEMA}.schema_migrations"
+_RECORD: Final = f"INSERT INTO {SCHEMA}.schema_migrations (version, name) VALUES ($1, $2)"
+
+SELECT_RECEIPTS: Final = f"""
+SELECT task_cid, receipt, created_at FROM {SCHEMA}.receipts WHERE task_cid = ANY($1::text[])
+"""
+INSERT_RECEIPTS: Final = f"""
+INSERT INTO {SCHEMA}.receipts (task_cid, invocation_cid, receipt)
+SELECT t, i, r FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(t, i, r) ORDER BY t
+ON CONFLICT (task_cid) DO NOTHING
+RETURNING task_cid
+"""
+INSERT_ARRIVALS: Final = f"""
+INSERT INTO {SCHEMA}.arrivals (invocation_cid, first_seen_at)
+SELECT c, a FROM unnest($1::text[], $2::timestamptz[]) AS u(c, a) ORDER BY c
+ON CONFLICT (invocation_cid) DO NOTHING
+"""
+SELECT_ARRIVALS: Final = f"""
+SELECT invocation_cid, first_seen_at FROM {SCHEMA}.arrivals WHERE invocation_cid = ANY($1::text[])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One numbered SQL file."""
+
+    version: int
+    name: str
+    path: Path
+
+
+def migrations_dir() -> Path:
+    """``schemas/migrations`` of the checkout, or the copy packed into the wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "schemas" / "migrations", here / "_schemas" / "migrations"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("cannot find schemas/migrations beside the worker package")
+
+
+def discover(directory: Path | None = None) -> list[Migration]:
+    """Every ``NNNN_name.sql`` in ``directory``, in order.
+
+    Raises:
+        ValueError: two files share a number.
+    """
+    found: dict[int, Migration] = {}
+    for path in sorted((directory or migrations_dir()).iterdir()):
+        m = _MIGRATION_FILE.match(path.name)
+        if not m:
+            continue
+        version = int(m.group(1))
+        if version in found:
+            raise ValueError(f"cannot order migrations: {path.name!r} reuses number {version}")
+        found[version] = Migration(version, m.group(2), path)
+    return [found[v] for v in sorted(found)]
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[Migration]:
+    """Apply pending migrations, each in its own transaction, under an advisory lock.
+
+    Returns the migrations applied by this call (empty when the database was current).
+    """
+    pending = discover(directory)
+    # Session lock, not a transaction lock: it spans several transactions, and a second
+    # worker starting at the same moment waits here, then finds nothing left to apply.
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute(_CREATE_RECORD)
+        applied = {r["version"] for r in await conn.fetch(_APPLIED)}
+        done: list[Migration] = []
+        for mig in pending:
+            if mig.version in applied:
+                continue
+            async with conn.transaction():
+                await conn.execute(mig.path.read_text(encoding="utf-8"))
+                await conn.execute(_RECORD, mig.version, mig.name)
+            done.append(mig)
+        return done
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
+    """An asyncpg pool; a database that cannot be reached raises :class:`Unreachable`."""
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            database_url, min_size=min_size, max_size=max_size, timeout=10, command_timeout=30
+        )
+    except (*CONNECTION_ERRORS, asyncpg.exceptions.InvalidCatalogNameError) as exc:
+        raise Unreachable(f"cannot reach the database: {_describe(exc)}") from None
+    except asyncpg.exceptions.InvalidAuthorizationSpecificationError as exc:
+        raise Unreachable(f"cannot log in to the database: {_describe(exc)}") from None
+    return pool
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def stored_receipts(
+    conn: asyncpg.Connection, task_cids: Iterable[str]
+) -> dict[str, tuple[bytes, datetime]]:
+    """Task CID -> (stored receipt bytes, when stored) for those already in the ledger."""
+    rows = await conn.fetch(SELECT_RECEIPTS, list(task_cids))
+    return {r["task_cid"]: (bytes(r["receipt"]), r["created_at"]) for r in rows}
+
+
+async def insert_receipts(
+    conn: asyncpg.Connection, rows: Sequence[tuple[str, str, bytes]]
+) -> set[str]:
+    """Insert (task CID, invocation CID, receipt) rows; returns the task CIDs inserted.
+
+    A task another transaction stored first is left alone (and is not in the result).
+    """
+    if not rows:
+        return set()
+    tasks, invs, receipts = zip(*rows, strict=True)
+    got = await conn.fetch(INSERT_RECEIPTS, list(tasks), list(invs), list(receipts))
+    return {r["task_cid"] for r in got}
+
+
+async def record_arrivals(conn: asyncpg.Connection, arrivals: dict[str, datetime]) -> None:
+    """Remember when invocations were first seen; an earlier record is kept."""
+    if arrivals:
+        items = sorted(arrivals.items())
+        await conn.execute(INSERT_ARRIVALS, [c for c, _ in items], [a for _, a in items])
+
+
+async def first_arrivals(
+    conn: asyncpg.Connection, invocation_cids: Iterable[str]
+) -> dict[str, datetime]:
+    """Invocation CID -> first arrival, for those recorded."""
+    rows = await conn.fetch(SELECT_ARRIVALS, list(invocation_cids))
+    return {r["invocation_cid"]: r["first_seen_at"] for r in rows}
+
+
+async def ping(pool: asyncpg.Pool, within: float = 2.0) -> bool:
+    """True when a connection from ``pool`` answers ``SELECT 1`` within ``within`` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+        return True
+    except Exception:
+        return False
+
+
+async def _migrate_once(database_url: str) -> list[Migration]:
+    try:
+        conn = await asyncpg.connect(database_url, timeout=10)
+    except (*CONNECTION_ERRORS, asyncpg.exceptions.PostgresError) as exc:
+        raise Unreachable(f"cannot reach the database: {_describe(exc)}") from None
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def migrate_main(args: argparse.Namespace, settings: Settings) -> int:
+    """``forge-worker migrate``: apply pending migrations and exit."""
+    from worker import log
+
+    log.configure(settings.log_format)
+    logger = log.get_logger()
+    applied = asyncio.run(_migrate_once(settings.database_url))
+    for mig in applied:
+        logger.info("migration_applied", version=mig.version, name=mig.name)
+    logger.info("migrations_current", applied=len(applied))
+    return 0
