@@ -483,7 +483,7 @@ async def _scanning(
     depth = (await queue_depths(connection, [queue]))[queue]
     if depth is None:
         raise LookupError(f"cannot read {queue!r}: no such queue")
-    channel = await connection.channel(publisher_confirms=confirms, on_return_raises=True)
+    channel = await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
     try:
         q = await channel.get_queue(queue, ensure=False)
         scan = _Scan(channel=channel, queue=q, snapshot=depth.ready)
@@ -656,8 +656,9 @@ def replay_copy(message: AbstractMessage, *, now: datetime, by: str) -> aio_pika
     keeping them under :data:`H_REPLAY_OF_DEATH` for the record. Adds
     :data:`~worker.topology.H_REPLAY_COUNT`, :data:`~worker.topology.H_REPLAYED_AT` and
     :data:`H_REPLAYED_BY`. ``user_id`` is dropped: the broker rejects a publish whose
-    ``user_id`` is not the publishing user's. ``expiration`` is dropped: a replay must not
-    vanish again on a stale per-message TTL.
+    ``user_id`` is not the publishing user's. A message without ``message_id`` gets a random
+    one from aiormq (it tracks returns by it), so its dead-letter id changes on replay.
+    ``expiration`` is dropped: a replay must not vanish again on a stale per-message TTL.
     """
     old: Mapping[str, Any] = message.headers or {}
     headers: dict[str, Any] = {}
