@@ -200,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --wait: how long to wait for the receipt",
     )
     eq.add_argument(
+        "--client-id",
+        metavar="ID",
+        help="name of this producer's reply queue <queue>.replies.<ID> (default: random)",
+    )
+    eq.add_argument(
         "--attempts",
         type=int,
         default=3,

@@ -2,7 +2,7 @@
 
 Keys (``--key KEY``): ``@PATH`` reads the key from the file at PATH; otherwise, a value that
 names an existing file is read from that file; otherwise the value is the key itself
-(ucantone format). A file may hold the bare key or the JSON that ``keygen --json`` prints.
+(ucantone format). A file may hold the bare key, or what ``keygen`` or ``keygen --json`` prints.
 Prefer a file: a key on the command line is visible to other users of the machine. Keys are
 never printed, except by ``keygen`` itself.
 
@@ -90,6 +90,11 @@ def read_key(value: str) -> Signer:
         if not isinstance(key, str):
             raise ConfigError('--key: the JSON has no "key" text (as keygen --json prints)')
         text = key
+    else:
+        # keygen's text output: a "key: ..." line among others
+        lines = [ln for ln in text.splitlines() if ln.startswith("key:")]
+        if len(lines) == 1:
+            text = lines[0].removeprefix("key:").strip()
     try:
         return Signer.parse(text)
     except UcanError as exc:
@@ -166,7 +171,10 @@ def read_ndjson(stream: IO[str]) -> Iterator[Row]:
         if not line.strip():
             continue
         try:
-            doc = json.loads(line)
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
             if not isinstance(doc, dict):
                 raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
             unknown = set(doc) - _JSON_FIELDS
@@ -179,7 +187,7 @@ def read_ndjson(stream: IO[str]) -> Iterator[Row]:
                     doc.get("customer"), doc.get("product"), doc.get("details"), external
                 ),
             )
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        except ValueError as exc:
             yield Row(number, None, str(exc))
 
 
@@ -204,7 +212,11 @@ def read_csv(stream: IO[str]) -> Iterator[Row]:
                 raise ValueError("more cells than header columns")
             details: dict[str, str] = {}
             if record.get("details"):
-                details.update(_text_map(json.loads(record["details"]), "details"))
+                try:
+                    parsed = json.loads(record["details"])
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"details is not JSON: {exc.msg}") from None
+                details.update(_text_map(parsed, "details"))
             for col, cell in record.items():
                 if col.startswith("detail.") and cell:
                     details[col.removeprefix("detail.")] = cell
@@ -380,6 +392,7 @@ def _client(
             timeout=args.timeout,
             service_key_did=args.service_key_did,
             replies=replies,
+            client_id=args.client_id,
         )
     except UcanError as exc:
         raise ConfigError(f"--service-key-did: {exc}") from None

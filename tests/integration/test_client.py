@@ -1,0 +1,417 @@
+"""The producer client and the ``enqueue`` command against a real worker, broker and database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import pytest
+
+from worker import cli
+from worker.app import running
+from worker.client import (
+    Client,
+    CustomerAdd,
+    InvalidReceipt,
+    PublishFailed,
+    ReceiptError,
+    ReceiptTimeout,
+    SignedRequest,
+    reply_queue_arguments,
+    reply_queue_name,
+)
+from worker.config import Secret, Settings
+from worker.ucan import (
+    CID,
+    Delegation,
+    Signer,
+    customer_add_args,
+    decode_token,
+    encode_container,
+    encode_delegation,
+    encode_invocation,
+    task_cid,
+)
+
+pytestmark = pytest.mark.integration
+
+PRODUCT = "did:web:hilt.example"
+
+
+@dataclass
+class Stack:
+    """A running worker and the identities around it."""
+
+    settings: Settings
+    service: Signer
+    hilt: Signer
+    proof: Delegation
+    proof_file: Path
+
+
+def _delegation(service: Signer, audience: str, pol: list[object] | None = None) -> Delegation:
+    token = encode_delegation(
+        service, aud=audience, sub=service.did, cmd="/customer/add", pol=pol or [], exp=None
+    )
+    delegation = decode_token(token)
+    assert isinstance(delegation, Delegation)
+    return delegation
+
+
+@pytest.fixture(name="stack")
+async def _stack(
+    amqp_url: str,
+    database_url: str,
+    queue_name: str,
+    amqp: aio_pika.abc.AbstractRobustConnection,
+    tmp_path: Path,
+) -> AsyncIterator[Stack]:
+    service, hilt = Signer.generate(), Signer.generate()
+    # Hilt may register only products under did:web:hilt.example
+    proof = _delegation(service, hilt.did, [["like", ".product", "did:web:hilt.*"]])
+    proof_file = tmp_path / "proof.ctn"
+    proof_file.write_bytes(encode_container([proof.raw]))
+    settings = Settings(
+        amqp_url=amqp_url,
+        database_url=database_url,
+        service_key=Secret(service.export()),
+        queue=queue_name,
+        receipt_queue=f"{queue_name}.receipts",
+        http_port=0,
+        log_format="json",
+    )
+    async with running(settings):
+        yield Stack(settings, service, hilt, proof, proof_file)
+    # the CLI runs' reply queue (--client-id cli) would expire by itself; remove it now
+    ch = await amqp.channel()
+    await ch.queue_delete(reply_queue_name(queue_name, "cli"))
+    await ch.close()
+
+
+@pytest.fixture(name="client")
+async def _client(stack: Stack) -> AsyncIterator[Client]:
+    async with Client(
+        stack.settings.amqp_url,
+        signer=stack.hilt,
+        service_did=stack.service.did,
+        proofs=[stack.proof],
+        queue=stack.settings.queue,
+        timeout=20,
+    ) as client:
+        yield client
+        await client.delete_reply_queue()
+
+
+async def _customer(database_url: str, customer: str) -> asyncpg.Record | None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        row: asyncpg.Record | None = await conn.fetchrow(
+            "SELECT customer, product, details, external_account FROM customer WHERE customer = $1",
+            customer,
+        )
+        return row
+    finally:
+        await conn.close()
+
+
+async def test_round_trip_ok(stack: Stack, client: Client) -> None:
+    outcome = await client.add_customer(
+        "did:plc:roundtrip", PRODUCT, {"region": "us-east-1", "external_id": "c-1"}, "stripe:cus_1"
+    )
+    assert outcome.ok == {}
+    assert outcome.receipt.iss == stack.service.did
+    assert outcome.receipt.aud is None
+    row = await _customer(stack.settings.database_url, "did:plc:roundtrip")
+    assert row is not None
+    assert row["product"] == PRODUCT
+    assert json.loads(row["details"]) == {"region": "us-east-1", "external_id": "c-1"}
+    assert row["external_account"] == "stripe:cus_1"
+
+
+async def test_error_receipt_raises_with_its_name_and_message(stack: Stack, client: Client) -> None:
+    with pytest.raises(ReceiptError) as caught:
+        await client.add_customer("did:plc:refused", "did:web:other.example")
+    assert caught.value.name == "MatchError"
+    assert ".product" in caught.value.message
+    assert caught.value.receipt.ran == caught.value.task
+    assert await _customer(stack.settings.database_url, "did:plc:refused") is None
+
+
+async def test_without_proof_the_service_refuses(stack: Stack, client: Client) -> None:
+    """Signed by hand: the client itself refuses to build an invocation it cannot prove."""
+    args = customer_add_args("did:plc:noproof", PRODUCT, {})
+    nonce = bytes(range(16))
+    token = encode_invocation(
+        stack.hilt,
+        sub=stack.service.did,
+        aud=stack.service.did,
+        cmd="/customer/add",
+        args_raw=args,
+        exp=int(time.time()) + 300,
+        nonce=nonce,
+    )
+    request = SignedRequest(
+        invocation=token,
+        cid=CID.dag_cbor(token),
+        task=task_cid("/customer/add", stack.service.did, args, nonce),
+        body=encode_container([token]),
+        exp=None,
+    )
+    with pytest.raises(ReceiptError) as caught:
+        await client.call(request)
+    assert caught.value.name == "InvalidClaim"
+
+
+async def test_resend_of_the_same_invocation_gets_the_same_receipt(
+    stack: Stack, client: Client
+) -> None:
+    request = client.build(CustomerAdd("did:plc:twice", PRODUCT, {"region": "eu"}))
+    first = await client.call(request)
+    again = await client.call(request)
+    assert again.receipt.raw == first.receipt.raw
+    # another client (another reply queue) resending the same bytes gets them too
+    async with Client(
+        stack.settings.amqp_url,
+        signer=stack.hilt,
+        service_did=stack.service.did,
+        queue=stack.settings.queue,
+        timeout=20,
+    ) as other:
+        third = await other.call(request)
+        await other.delete_reply_queue()
+    assert third.receipt.raw == first.receipt.raw
+
+
+async def test_unroutable_publish_fails(amqp_url: str, queue_name: str) -> None:
+    hilt = Signer.generate()
+    async with Client(
+        amqp_url, signer=hilt, service_did=hilt.did, queue=f"{queue_name}.nowhere"
+    ) as client:
+        request = client.build(CustomerAdd("did:plc:x", PRODUCT))
+        with pytest.raises(PublishFailed, match="no such queue"):
+            await client.publish(request)
+        await client.delete_reply_queue()
+
+
+async def test_timeout_then_resend_gets_the_receipt(
+    amqp_url: str,
+    database_url: str,
+    queue_name: str,
+    amqp: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    """No worker yet: the first wait times out; the worker starts; the resend is answered."""
+    service = Signer.generate()
+    settings = Settings(
+        amqp_url=amqp_url,
+        database_url=database_url,
+        service_key=Secret(service.export()),
+        queue=queue_name,
+        receipt_queue=f"{queue_name}.receipts",
+        http_port=0,
+        log_format="json",
+    )
+    # declare the inbox as the worker will, so the publish is routable before it runs
+    ch = await amqp.channel()
+    from worker.topology import inbox_arguments
+
+    await ch.declare_queue(queue_name, durable=True, arguments=inbox_arguments(queue_name))
+    await ch.close()
+    async with Client(amqp_url, signer=service, service_did=service.did, queue=queue_name) as c:
+        request = c.build(CustomerAdd("did:plc:late", PRODUCT))
+        with pytest.raises(ReceiptTimeout):
+            await c.call(request, timeout=0.5)
+        async with running(settings):
+            outcome = await c.call(request, timeout=20)
+        await c.delete_reply_queue()
+    assert outcome.task == request.task
+
+
+async def test_garbage_reply_is_an_invalid_receipt(
+    amqp_url: str, queue_name: str, amqp: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    """A response that is not a receipt for the task raises InvalidReceipt."""
+    ch = await amqp.channel()
+    inbox = await ch.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+
+    async def answer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        assert message.reply_to is not None
+        await ch.default_exchange.publish(
+            aio_pika.Message(encode_container([]), correlation_id=message.correlation_id),
+            routing_key=message.reply_to,
+        )
+        await message.ack()
+
+    await inbox.consume(answer)
+    hilt = Signer.generate()
+    async with Client(amqp_url, signer=hilt, service_did=hilt.did, queue=queue_name) as client:
+        with pytest.raises(InvalidReceipt, match="cannot find a receipt"):
+            await client.add_customer("did:plc:x", PRODUCT, timeout=10)
+        await client.delete_reply_queue()
+    await ch.close()
+
+
+async def test_reply_queue_is_durable_quorum(
+    amqp_url: str, queue_name: str, amqp: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    hilt = Signer.generate()
+    async with Client(
+        amqp_url, signer=hilt, service_did=hilt.did, queue=queue_name, client_id="fixed"
+    ) as client:
+        assert client.reply_queue == f"{queue_name}.replies.fixed"
+    # it outlives the client, and redeclaring it with the same arguments succeeds
+    ch = await amqp.channel()
+    q = await ch.declare_queue(
+        client.reply_queue, durable=True, arguments=reply_queue_arguments(), passive=False
+    )
+    await q.delete(if_unused=False, if_empty=False)
+    await ch.close()
+
+
+async def test_bulk_enqueue_of_1000_from_a_file(stack: Stack, tmp_path: Path) -> None:
+    n = 1000
+    source = tmp_path / "registrations.ndjson"
+    with source.open("w") as f:
+        for i in range(n):
+            doc = {
+                "customer": f"did:plc:bulk{i:04d}",
+                "product": PRODUCT,
+                "details": {"region": "eu-west-1", "external_id": f"console-{i}"},
+            }
+            if i % 10 == 0:
+                doc["external_account"] = f"stripe:cus_{i}"
+            f.write(json.dumps(doc) + "\n")
+    key_file = tmp_path / "hilt.key"
+    key_file.write_text(stack.hilt.export())
+    results = tmp_path / "results.ndjson"
+    argv = [
+        "enqueue",
+        "--key",
+        f"@{key_file}",
+        "--proof",
+        str(stack.proof_file),
+        "--service",
+        stack.service.did,
+        "--from",
+        str(source),
+        "--results",
+        str(results),
+        "--concurrency",
+        "64",
+        "--client-id",
+        "cli",
+        "--amqp-url",
+        stack.settings.amqp_url,
+        "--queue",
+        stack.settings.queue,
+    ]
+    started = time.monotonic()
+    # the command runs its own event loop, so it runs in a thread beside the worker's
+    code = await asyncio.to_thread(cli.main, argv)
+    elapsed = time.monotonic() - started
+    assert code == cli.EXIT_OK
+    outcomes = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(outcomes) == n
+    assert sorted(o["line"] for o in outcomes) == list(range(1, n + 1))
+    assert all(o["ok"] and o["error"] is None for o in outcomes)
+    assert len({o["task"] for o in outcomes}) == n
+    conn = await asyncpg.connect(stack.settings.database_url)
+    try:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM customer WHERE customer LIKE 'did:plc:bulk%'"
+        )
+        sample = await conn.fetchrow(
+            "SELECT details, external_account FROM customer WHERE customer = 'did:plc:bulk0010'"
+        )
+    finally:
+        await conn.close()
+    assert count == n
+    assert json.loads(sample["details"]) == {"region": "eu-west-1", "external_id": "console-10"}
+    assert sample["external_account"] == "stripe:cus_10"
+    print(f"bulk enqueue of {n}: {elapsed:.1f} s")
+
+
+async def test_bulk_records_every_failure_and_goes_on(stack: Stack, tmp_path: Path) -> None:
+    source = tmp_path / "mixed.csv"
+    source.write_text(
+        "customer,product,external_account,detail.region\n"
+        f"did:plc:good1,{PRODUCT},,eu\n"
+        "not-a-did,did:web:x.example,,eu\n"
+        "did:plc:refused,did:web:other.example,,eu\n"
+        f"did:plc:good2,{PRODUCT},acct-2,\n"
+    )
+    results = tmp_path / "results.ndjson"
+    code = await asyncio.to_thread(
+        cli.main,
+        [
+            "enqueue",
+            "--key",
+            stack.hilt.export(),
+            "--proof",
+            str(stack.proof_file),
+            "--service",
+            stack.service.did,
+            "--from",
+            str(source),
+            "--results",
+            str(results),
+            "--client-id",
+            "cli",
+            "--amqp-url",
+            stack.settings.amqp_url,
+            "--queue",
+            stack.settings.queue,
+        ],
+    )
+    assert code == cli.EXIT_CHECK_FAILED
+    by_line = {o["line"]: o for o in map(json.loads, results.read_text().splitlines())}
+    assert set(by_line) == {2, 3, 4, 5}
+    assert by_line[2]["ok"] and by_line[5]["ok"]
+    assert by_line[3]["error"]["name"] == "InvalidInput" and by_line[3]["task"] is None
+    assert by_line[4]["error"]["name"] == "MatchError" and by_line[4]["task"]
+    row = await _customer(stack.settings.database_url, "did:plc:good2")
+    assert row is not None and row["external_account"] == "acct-2"
+
+
+async def test_single_enqueue_wait_json(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await asyncio.to_thread(
+        cli.main,
+        [
+            "enqueue",
+            "--key",
+            stack.hilt.export(),
+            "--proof",
+            str(stack.proof_file),
+            "--service",
+            stack.service.did,
+            "--customer",
+            "did:plc:single",
+            "--product",
+            PRODUCT,
+            "--detail",
+            "region=us-east-1",
+            "--wait",
+            "--json",
+            "--client-id",
+            "cli",
+            "--amqp-url",
+            stack.settings.amqp_url,
+            "--queue",
+            stack.settings.queue,
+        ],
+    )
+    assert code == cli.EXIT_OK
+    out = capsys.readouterr().out
+    # the in-process worker logs to the same stdout: the command's document is the JSON line
+    [doc] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert doc["ok"] is True and doc["error"] is None and doc["task"].startswith("bafy")
+    assert stack.hilt.export() not in out
+    row = await _customer(stack.settings.database_url, "did:plc:single")
+    assert row is not None and json.loads(row["details"]) == {"region": "us-east-1"}
