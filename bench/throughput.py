@@ -200,7 +200,14 @@ class WorkerRun:
     processes: int
     log_dir: Path
     amqp_url: str
+    entry: str = "worker.cli"
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def argv(self, *args: str) -> list[str]:
+        """The worker's command line: ``python -m worker.cli`` or ``python SCRIPT.py``."""
+        if self.entry.endswith(".py"):
+            return [sys.executable, self.entry, *args]
+        return [sys.executable, "-m", self.entry, *args]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -219,7 +226,7 @@ class WorkerRun:
 
     def migrate(self) -> None:
         out = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "migrate"],
+            self.argv("migrate"),
             env=self.env(),
             cwd=c.ROOT,
             capture_output=True,
@@ -234,7 +241,7 @@ class WorkerRun:
             log = (self.log_dir / f"worker-{self.queue}-{i}.log").open("wb")
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "worker.cli", "run", *extra],
+                    self.argv("run", *extra),
                     env=self.env(),
                     cwd=c.ROOT,
                     stdout=log,
@@ -599,7 +606,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         rabbit = c.pids_by_comm("beam.smp")
         groups = {"rabbit": rabbit, "pg": c.pids_by_comm("postgres"), "bench": [os.getpid()]}
         one = WorkerRun(
-            f"{prefix}.w1", f"{prefix}.w1.receipts", db_url, ids, 1, c.RESULTS / "logs", url
+            f"{prefix}.w1",
+            f"{prefix}.w1.receipts",
+            db_url,
+            ids,
+            1,
+            c.RESULTS / "logs",
+            url,
+            args.worker_entry,
         )
         runs.append(one)
         queues += _worker_queue_names(one.queue, one.reply)
@@ -635,7 +649,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # --- (b') two processes
         if args.two:
             two = WorkerRun(
-                f"{prefix}.w2", f"{prefix}.w2.receipts", db_url, ids, 2, c.RESULTS / "logs", url
+                f"{prefix}.w2",
+                f"{prefix}.w2.receipts",
+                db_url,
+                ids,
+                2,
+                c.RESULTS / "logs",
+                url,
+                args.worker_entry,
             )
             runs.append(two)
             queues += _worker_queue_names(two.queue, two.reply)
@@ -753,6 +774,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--profile", action="store_true", help="py-spy the 1-process drain (needs --with py-spy)"
+    )
+    p.add_argument(
+        "--worker-entry",
+        default="worker.cli",
+        help="module (python -m) or script (.py) taking 'run'/'migrate'; for instrumented runs",
     )
     p.add_argument("--skip-worker", action="store_true", help="measure only the ceiling")
     p.add_argument("--out", type=Path, default=c.RESULTS / "throughput.json")
