@@ -1,0 +1,385 @@
+"""The producer commands without a broker: arguments, keys, bulk files, keygen, delegate."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from worker import cli
+from worker.client import CustomerAdd
+from worker.errors import ConfigError
+from worker.producer import (
+    INVALID_INPUT,
+    Progress,
+    outcome_record,
+    parse_details,
+    read_csv,
+    read_key,
+    read_ndjson,
+    read_rows,
+)
+from worker.ucan import Delegation, Signer, decode_request
+
+HILT = "did:key:z6MkgGyk5NXAGGz8xLfo8VGMGEnVjY5rrCoR4yZydjcE9RRm"
+
+
+@pytest.fixture(name="key")
+def _key() -> Signer:
+    return Signer.generate()
+
+
+# --- arguments ---------------------------------------------------------------------------
+
+
+def test_enqueue_arguments() -> None:
+    args = cli.build_parser().parse_args(
+        [
+            "enqueue",
+            "--key",
+            "@hilt.key",
+            "--service",
+            "did:web:upload.example",
+            "--customer",
+            "did:plc:a",
+            "--product",
+            "did:web:p",
+            "--detail",
+            "region=eu",
+            "--detail",
+            "note=a=b",
+            "--wait",
+        ]
+    )
+    assert args.command == "enqueue"
+    assert (args.key, args.customer, args.product, args.wait) == (
+        "@hilt.key",
+        "did:plc:a",
+        "did:web:p",
+        True,
+    )
+    assert parse_details(args.detail) == {"region": "eu", "note": "a=b"}
+    assert (args.concurrency, args.attempts, args.expires_in) == (32, 3, 300)
+
+
+def test_delegate_arguments_keep_the_subcommand() -> None:
+    args = cli.build_parser().parse_args(
+        ["delegate", "--key", "k", "--to", HILT, "--command", "/customer/add", "--out", "f"]
+    )
+    assert args.command == "delegate"
+    assert args.delegated_command == "/customer/add"
+    assert args.expires_in is None and args.policy is None and args.subject is None
+
+
+@pytest.mark.parametrize("bad", ["region", "=eu"])
+def test_parse_details_rejects_malformed(bad: str) -> None:
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_details([bad])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--customer", "did:plc:a"],  # no --product
+        ["--customer", "not-a-did", "--product", "did:web:p"],
+        ["--customer", "did:plc:a", "--product", "did:web:p", "--detail", "oops"],
+        ["--from", "x.ndjson", "--customer", "did:plc:a"],
+        ["--customer", "did:plc:a", "--product", "did:web:p", "--concurrency", "0"],
+    ],
+)
+def test_enqueue_usage_errors_exit_2(
+    argv: list[str], key: Signer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["enqueue", "--key", key.export(), "--service", key.did, *argv])
+    assert code == cli.EXIT_USAGE
+    assert key.export() not in capsys.readouterr().err
+
+
+def test_enqueue_without_a_proof_chain_exits_2(key: Signer) -> None:
+    code = cli.main(
+        [
+            "enqueue",
+            "--key",
+            key.export(),
+            "--service",
+            Signer.generate().did,
+            "--customer",
+            "did:plc:a",
+            "--product",
+            "did:web:p",
+        ]
+    )
+    assert code == cli.EXIT_USAGE
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_enqueue_unreachable_broker_exits_3(
+    key: Signer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(
+        [
+            "enqueue",
+            "--key",
+            key.export(),
+            "--service",
+            key.did,
+            "--customer",
+            "did:plc:a",
+            "--product",
+            "did:web:p",
+            "--amqp-url",
+            f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/",
+        ]
+    )
+    assert code == cli.EXIT_UNREACHABLE
+    err = capsys.readouterr().err
+    assert "cannot reach the broker" in err and "secret-pw" not in err
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+def test_read_key_forms(tmp_path: Path, key: Signer) -> None:
+    plain = tmp_path / "plain.key"
+    plain.write_text(key.export() + "\n")
+    as_json = tmp_path / "key.json"
+    as_json.write_text(json.dumps({"did": key.did, "key": key.export()}))
+    as_text = tmp_path / "keygen.txt"
+    as_text.write_text(f"did: {key.did}\nkey: {key.export()}\n")
+    for value in (
+        key.export(),
+        "M" + key.export(),
+        f"@{plain}",
+        str(plain),
+        f"@{as_json}",
+        str(as_text),
+    ):
+        assert read_key(value).did == key.did
+
+
+def test_read_key_errors_never_echo_the_key(tmp_path: Path, key: Signer) -> None:
+    broken = key.export()[:-4] + "!!!!"
+    with pytest.raises(ConfigError) as caught:
+        read_key(broken)
+    assert broken not in str(caught.value)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_key(f"@{tmp_path / 'missing'}")
+    bad_json = tmp_path / "k.json"
+    bad_json.write_text('{"did": "did:key:z"}')
+    with pytest.raises(ConfigError, match='no "key"'):
+        read_key(str(bad_json))
+
+
+# --- bulk files --------------------------------------------------------------------------
+
+
+def test_read_ndjson() -> None:
+    text = "\n".join(
+        [
+            json.dumps({"customer": "did:plc:a", "product": "did:web:p"}),
+            "",
+            json.dumps(
+                {
+                    "customer": "did:plc:b",
+                    "product": "did:web:p",
+                    "externalAccount": "acct",
+                    "details": {"region": "eu"},
+                }
+            ),
+            "{not json",
+            json.dumps({"customer": "did:plc:c", "product": "did:web:p", "details": {"n": 1}}),
+            json.dumps({"customer": "did:plc:d", "product": "did:web:p", "extra": 1}),
+            json.dumps(["a"]),
+        ]
+    )
+    rows = list(read_ndjson(io.StringIO(text)))
+    assert [r.line for r in rows] == [1, 3, 4, 5, 6, 7]
+    assert rows[0].args == CustomerAdd("did:plc:a", "did:web:p", {}, None)
+    assert rows[1].args == CustomerAdd("did:plc:b", "did:web:p", {"region": "eu"}, "acct")
+    assert rows[2].args is None and rows[2].error and "not JSON" in rows[2].error
+    assert rows[3].error and "must be text" in rows[3].error
+    assert rows[4].error and "unknown fields" in rows[4].error
+    assert rows[5].error and "JSON object" in rows[5].error
+
+
+def test_read_csv_with_details_json_and_detail_columns() -> None:
+    text = (
+        "customer,product,external_account,details,detail.region,detail.external_id\n"
+        'did:plc:a,did:web:p,,"{""tier"": ""gold""}",eu,c-1\n'
+        "did:plc:b,did:web:p,stripe:cus_2,,,\n"
+        "did:plc:c,,,,,\n"
+        'did:plc:d,did:web:p,,"{""n"": 1}",,\n'
+        '"did:plc:e\nwith newline",did:web:p,,,,\n'
+    )
+    rows = list(read_csv(io.StringIO(text)))
+    assert rows[0].line == 2
+    assert rows[0].args == CustomerAdd(
+        "did:plc:a", "did:web:p", {"tier": "gold", "region": "eu", "external_id": "c-1"}, None
+    )
+    assert rows[1].args == CustomerAdd("did:plc:b", "did:web:p", {}, "stripe:cus_2")
+    assert rows[2].args is None and rows[2].error and "product must be a DID" in rows[2].error
+    assert rows[3].error and "must be text" in rows[3].error
+    # a quoted cell spanning two lines: the row's number is the line it ends on
+    assert rows[4].line == 7 and rows[4].error and "spaces" in rows[4].error
+
+
+def test_read_csv_rejects_a_bad_header() -> None:
+    with pytest.raises(ConfigError, match="CSV header"):
+        list(read_csv(io.StringIO("costumer,product\ndid:plc:a,did:web:p\n")))
+    with pytest.raises(ConfigError, match="CSV header"):
+        list(read_csv(io.StringIO("customer\ndid:plc:a\n")))
+
+
+def test_read_rows_detects_the_format(tmp_path: Path) -> None:
+    record = json.dumps({"customer": "did:plc:a", "product": "did:web:p"})
+    for name, text in (
+        ("a.ndjson", record + "\n"),
+        ("a.jsonl", record + "\n"),
+        ("a.txt", "  " + record + "\n"),
+        ("a.csv", "customer,product\ndid:plc:a,did:web:p\n"),
+        ("a", "customer,product\ndid:plc:a,did:web:p\n"),
+        ("bom.csv", "\ufeffcustomer,product\ndid:plc:a,did:web:p\n"),
+    ):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        [row] = read_rows(path)
+        assert row.args == CustomerAdd("did:plc:a", "did:web:p"), name
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_rows(tmp_path / "missing.csv")
+
+
+def test_outcome_record_for_invalid_input() -> None:
+    record = outcome_record(7, None, None, (INVALID_INPUT, "customer must be a DID"))
+    assert record == {
+        "line": 7,
+        "customer": None,
+        "task": None,
+        "invocation": None,
+        "ok": False,
+        "error": {"name": "InvalidInput", "message": "customer must be a DID"},
+    }
+
+
+def test_progress_bar_draws_only_on_a_terminal() -> None:
+    out = io.StringIO()
+    bar = Progress(2, out, enabled=True)
+    bar.advance(ok=True)
+    bar.advance(ok=False)
+    text = out.getvalue()
+    assert "2/2" in text and "ok 1" in text and "failed 1" in text and text.endswith("\n")
+    quiet = io.StringIO()
+    Progress(1, quiet, enabled=False).advance(ok=True)
+    assert quiet.getvalue() == ""
+
+
+# --- keygen, delegate --------------------------------------------------------------------
+
+
+def test_keygen_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["keygen", "--json"]) == cli.EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"did", "key"}
+    assert Signer.parse(doc["key"]).did == doc["did"]
+    assert doc["did"].startswith("did:key:z6Mk")
+
+
+def test_keygen_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["keygen"]) == cli.EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("did: did:key:z6Mk") and lines[1].startswith("key: ")
+    assert Signer.parse(lines[1].removeprefix("key: ")).did == lines[0].removeprefix("did: ")
+
+
+def _delegate(tmp_path: Path, key: Signer, *extra: str) -> Delegation:
+    out = tmp_path / "proof.ctn"
+    code = cli.main(
+        [
+            "delegate",
+            "--key",
+            key.export(),
+            "--to",
+            HILT,
+            "--command",
+            "/customer/add",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+    assert code == cli.EXIT_OK
+    [d] = decode_request(out.read_bytes()).delegations.values()
+    return d
+
+
+def test_delegate_defaults(tmp_path: Path, key: Signer, capsys: pytest.CaptureFixture[str]) -> None:
+    d = _delegate(tmp_path, key)
+    assert (d.iss, d.aud, d.sub, d.cmd, d.exp) == (key.did, HILT, key.did, "/customer/add", None)
+    assert d.pol.wire == []
+    assert (tmp_path / "proof.ctn").read_bytes()[0] == 0xA1  # raw container, no header byte
+    assert key.export() not in capsys.readouterr().out
+
+
+def test_delegate_options(tmp_path: Path, key: Signer, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = [["like", ".product", "did:web:*"]]
+    d = _delegate(
+        tmp_path,
+        key,
+        "--expires-in",
+        "3600",
+        "--policy",
+        json.dumps(policy),
+        "--issuer-did",
+        "did:web:upload.example",
+        "--base64",
+        "--json",
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert d.iss == d.sub == "did:web:upload.example"
+    assert d.exp is not None and d.exp == doc["exp"]
+    assert d.pol.wire == policy
+    assert str(d.cid) == doc["cid"]
+    assert (tmp_path / "proof.ctn").read_bytes()[:1] == b"B"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--policy", '[["=", ".a", 1]]'],
+        ["--policy", "not json"],
+        ["--expires-in", "0"],
+        ["--subject", "nope"],
+    ],
+)
+def test_delegate_usage_errors(tmp_path: Path, key: Signer, extra: list[str]) -> None:
+    code = cli.main(
+        [
+            "delegate",
+            "--key",
+            key.export(),
+            "--to",
+            HILT,
+            "--command",
+            "/customer/add",
+            "--out",
+            str(tmp_path / "x"),
+            *extra,
+        ]
+    )
+    assert code == cli.EXIT_USAGE
+    assert not (tmp_path / "x").exists()
+
+
+def test_delegate_rejects_a_bad_command(tmp_path: Path, key: Signer) -> None:
+    for cmd in ("/Customer/add", "customer/add", "/customer/"):
+        code = cli.main(
+            ["delegate", "--key", key.export(), "--to", HILT, "--command", cmd, "--out", "x"]
+        )
+        assert code == cli.EXIT_USAGE
