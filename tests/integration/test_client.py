@@ -32,6 +32,7 @@ from worker.ucan import (
     Delegation,
     Signer,
     customer_add_args,
+    decode_request,
     decode_token,
     encode_container,
     encode_delegation,
@@ -415,3 +416,91 @@ async def test_single_enqueue_wait_json(
     assert stack.hilt.export() not in out
     row = await _customer(stack.settings.database_url, "did:plc:single")
     assert row is not None and json.loads(row["details"]) == {"region": "us-east-1"}
+
+
+async def test_enqueue_without_wait_sends_the_receipt_to_the_receipt_queue(
+    stack: Stack, amqp: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    """Fire and forget: no reply_to, so the worker answers on its receipt queue."""
+    ch = await amqp.channel()
+    receipts = await ch.declare_queue(stack.settings.receipt_queue, passive=True)
+    arrived: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        await arrived.put(message.body)
+        await message.ack()
+
+    await receipts.consume(collect)
+    code = await asyncio.to_thread(
+        cli.main,
+        [
+            "enqueue",
+            "--key",
+            stack.hilt.export(),
+            "--proof",
+            str(stack.proof_file),
+            "--service",
+            stack.service.did,
+            "--customer",
+            "did:plc:nowait",
+            "--product",
+            PRODUCT,
+            "--amqp-url",
+            stack.settings.amqp_url,
+            "--queue",
+            stack.settings.queue,
+        ],
+    )
+    assert code == cli.EXIT_OK
+    body = await asyncio.wait_for(arrived.get(), 20)
+    [receipt] = decode_request(body).receipts
+    assert receipt.iss == stack.service.did and receipt.ok == {}
+    await ch.close()
+
+
+async def test_enqueue_wait_times_out_with_exit_1(
+    amqp_url: str,
+    queue_name: str,
+    amqp: aio_pika.abc.AbstractRobustConnection,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An inbox nobody consumes: --wait gives up after every attempt and says so."""
+    ch = await amqp.channel()
+    await ch.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+    service = Signer.generate()
+    code = await asyncio.to_thread(
+        cli.main,
+        [
+            "enqueue",
+            "--key",
+            service.export(),
+            "--service",
+            service.did,
+            "--customer",
+            "did:plc:late",
+            "--product",
+            PRODUCT,
+            "--wait",
+            "--json",
+            "--timeout",
+            "0.3",
+            "--attempts",
+            "2",
+            "--client-id",
+            "cli",
+            "--amqp-url",
+            amqp_url,
+            "--queue",
+            queue_name,
+        ],
+    )
+    assert code == cli.EXIT_CHECK_FAILED
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["error"]["name"] == "Timeout"
+    # both attempts are the same invocation bytes, waiting in the inbox
+    inbox = await ch.declare_queue(queue_name, passive=True)
+    first = await inbox.get(no_ack=True)
+    second = await inbox.get(no_ack=True)
+    assert first.body == second.body and first.correlation_id == doc["invocation"]
+    await ch.queue_delete(reply_queue_name(queue_name, "cli"))
+    await ch.close()
