@@ -364,6 +364,8 @@ async def drain(
             "mid_msgs_per_s": round(mid, 1),
             "startup_s": round(first - t_start, 2),
             "cores": cpu,
+            # worker CPU time per message: steadier than msgs/s when the machine is shared
+            "worker_cpu_us_per_msg": round(cpu["worker"] * (last - first) / n * 1e6, 1),
         }
     finally:
         await conn.close()
