@@ -437,7 +437,8 @@ async def queue_depths(
             if channel is None or channel.is_closed:
                 channel = await transport.connection.channel()
             try:
-                ok = await channel.queue_declare(name, passive=True, timeout=BROKER_TIMEOUT)
+                async with asyncio.timeout(BROKER_TIMEOUT):  # see _get
+                    ok = await channel.queue_declare(name, passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity:
                 out[name] = None
                 continue
@@ -448,6 +449,17 @@ async def queue_depths(
     return out
 
 
+async def _get(queue: aio_pika.abc.AbstractQueue) -> AbstractIncomingMessage | None:
+    """``basic.get`` with manual ack, bounded by :data:`BROKER_TIMEOUT`.
+
+    The bound is ``asyncio.timeout`` rather than aiormq's own ``timeout=``, which uses
+    ``asyncio.wait_for``: on Python 3.11 that can swallow a cancellation (Ctrl-C) that
+    lands just as the answer arrives, and the scan would carry on.
+    """
+    async with asyncio.timeout(BROKER_TIMEOUT):
+        return await queue.get(no_ack=False, fail=False, timeout=None)
+
+
 @dataclass(slots=True)
 class _Scan:
     """Messages taken from a queue with manual ack; whatever is not settled goes back."""
@@ -456,14 +468,22 @@ class _Scan:
     queue: aio_pika.abc.AbstractQueue
     snapshot: int
     held: list[AbstractIncomingMessage] = field(default_factory=list)
+    #: messages this scan acked (moved or deleted)
+    settled: int = 0
 
     async def messages(self) -> AsyncIterator[AbstractIncomingMessage]:
         """At most ``snapshot`` messages, the queue's head first."""
         for _ in range(self.snapshot):
-            msg = await self.queue.get(no_ack=False, fail=False, timeout=BROKER_TIMEOUT)
+            msg = await _get(self.queue)
             if msg is None:
                 return
             yield msg
+
+    async def ack(self, msg: AbstractIncomingMessage) -> None:
+        """Settle ``msg`` for good."""
+        # shielded: a cancellation (Ctrl-C) must not leave the ack half-sent
+        await asyncio.shield(msg.ack())
+        self.settled += 1
 
     async def give_back(self) -> None:
         """Return every held message to the queue's head, in order (``nack`` with requeue:
@@ -475,15 +495,40 @@ class _Scan:
         await last.nack(multiple=True, requeue=True)
 
 
+#: how long a scan waits, at the end, for the messages it returned to be ready again
+SETTLE_TIMEOUT: Final = 5.0
+
+
+async def _settled(connection: AbstractConnection, queue: str, expected: int) -> None:
+    """Wait (bounded) until ``queue`` shows ``expected`` ready messages again.
+
+    A quorum queue applies returns asynchronously (a Raft command after the nack or the
+    channel close), so a command run right after this one could otherwise see a short
+    queue. Best effort: another reader holding messages just makes this wait time out.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(SETTLE_TIMEOUT):
+            while True:
+                depth = (await queue_depths(connection, [queue]))[queue]
+                if depth is None or depth.ready >= expected:
+                    return
+                await asyncio.sleep(0.02)  # no event tells a client that a return landed
+
+
 @contextlib.asynccontextmanager
 async def _scanning(
     connection: AbstractConnection, queue: str, *, confirms: bool = False
 ) -> AsyncIterator[_Scan]:
-    """A scan of ``queue`` on a channel of its own (with publisher confirms if asked)."""
+    """A scan of ``queue`` on a channel of its own (with publisher confirms if asked).
+
+    On the way out every held message is returned and, unless the connection is gone,
+    the scan waits until the queue shows them again.
+    """
     depth = (await queue_depths(connection, [queue]))[queue]
     if depth is None:
         raise LookupError(f"cannot read {queue!r}: no such queue")
     channel = await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+    scan: _Scan | None = None
     try:
         q = await channel.get_queue(queue, ensure=False)
         scan = _Scan(channel=channel, queue=q, snapshot=depth.ready)
@@ -494,6 +539,8 @@ async def _scanning(
     finally:
         if not channel.is_closed:
             await channel.close()
+        if scan is not None and not connection.is_closed:
+            await _settled(connection, queue, depth.ready - scan.settled)
 
 
 # --------------------------------------------------------------------------- status
@@ -547,7 +594,7 @@ async def peek_head_age(
     dead-letter queue, which no one consumes and which has no delivery limit of ours.
     """
     async with _scanning(connection, queue) as scan:
-        msg = await scan.queue.get(no_ack=False, fail=False, timeout=BROKER_TIMEOUT)
+        msg = await _get(scan.queue)
         if msg is None:
             return None
         scan.held.append(msg)
@@ -828,8 +875,7 @@ async def replay(
                 # the ledger absorbs) rather than a move with no audit row
                 scan.held.append(msg)
                 raise
-            # shielded: once confirmed, cancelling (Ctrl-C) must not leave the ack half-sent
-            await asyncio.shield(msg.ack())
+            await scan.ack(msg)
             result.done += 1
             if on_moved is not None:
                 on_moved(dl)
@@ -887,7 +933,7 @@ async def purge(
             except BaseException:
                 scan.held.extend(m for m, _ in chosen[i:])
                 raise
-            await asyncio.shield(msg.ack())
+            await scan.ack(msg)
             result.done += 1
     return result
 
