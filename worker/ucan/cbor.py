@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 from typing import Any, Final
 
 import cbor2
@@ -39,9 +40,14 @@ def _refuse_tag(tag: int) -> Callable[[Any, bool], Any]:
     return refuse
 
 
+_CIDV1_SHA256: Final = b"\x00\x01\x71\x12\x20"
+
+
 def _decode_link(value: Any, _immutable: bool) -> CID:
     if type(value) is not bytes or not value or value[0] != 0:
         raise DecodeError("cannot decode dag-cbor: tag 42 must hold 0x00-prefixed bytes")
+    if len(value) == 37 and value.startswith(_CIDV1_SHA256):  # the usual CID: no parsing
+        return CID(value[1:])
     return CID.from_bytes(value[1:])
 
 
@@ -49,21 +55,12 @@ def _tag_hook(tag: cbor2.CBORTag, _immutable: bool) -> Any:
     raise DecodeError(f"cannot decode dag-cbor: tag {tag.tag} is not allowed")
 
 
-def _object_hook(obj: Any, _immutable: bool) -> Any:
-    for k in obj:
-        if type(k) is not str:
-            raise DecodeError("cannot decode dag-cbor: map keys must be text")
-    return obj
-
-
 _SEMANTIC: Final[Mapping[int, Any]] = {
     **{t: _refuse_tag(t) for t in _BUILTIN_TAGS},
     42: _decode_link,
 }
-
-
-def _refuse_value(_enc: cbor2.CBOREncoder, value: Any) -> None:
-    raise DecodeError(f"cannot decode dag-cbor: {type(value).__name__} is not allowed")
+_SCALARS: Final = frozenset((str, bytes, int, bool, type(None), CID))
+_TEXT_KEYS: Final = {str}
 
 
 def _encode_default(enc: cbor2.CBOREncoder, value: Any) -> None:
@@ -73,13 +70,44 @@ def _encode_default(enc: cbor2.CBOREncoder, value: Any) -> None:
     raise DecodeError(f"cannot encode dag-cbor: unsupported type {type(value).__name__}")
 
 
-# Types cbor2 can produce but DAG-CBOR does not have: refused when re-encoding.
-_STRICT_ENCODERS: Final[Mapping[type, Any]] = {
-    type(cbor2.undefined): _refuse_value,
-    cbor2.CBORSimpleValue: _refuse_value,
-}
+def _check_types(value: Any) -> None:
+    """Refuse what cbor2 decodes but DAG-CBOR lacks: non-text keys, undefined, simple
+    values, NaN and Infinity. Only containers are pushed; scalars are checked in place."""
+    if type(value) is not list and type(value) is not dict:
+        _check_scalar(value)
+        return
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if type(v) is dict:
+            if v and set(map(type, v)) != _TEXT_KEYS:
+                raise DecodeError("cannot decode dag-cbor: map keys must be text")
+            items: Iterable[Any] = v.values()
+        else:
+            items = v
+        for x in items:
+            t = type(x)
+            if t in _SCALARS:
+                continue
+            if t is dict or t is list:
+                stack.append(x)
+            else:
+                _check_scalar(x)
 
-_NONFINITE: Final = (b"\xf9\x7e\x00", b"\xf9\x7c\x00", b"\xf9\xfc\x00")
+
+def _check_scalar(x: Any) -> None:
+    t = type(x)
+    if t in _SCALARS:
+        return
+    if t is float:
+        if not math.isfinite(x):
+            raise DecodeError("cannot decode dag-cbor: NaN and Infinity are not allowed")
+        return
+    if x is cbor2.undefined:
+        raise DecodeError("cannot decode dag-cbor: undefined is not allowed")
+    if t is cbor2.CBORSimpleValue:
+        raise DecodeError("cannot decode dag-cbor: simple values are not allowed")
+    raise DecodeError(f"cannot decode dag-cbor: {t.__name__} is not allowed")
 
 
 def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
@@ -98,14 +126,14 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         value = cbor2.loads(
             data,
             tag_hook=_tag_hook,
-            object_hook=_object_hook,
             semantic_decoders=_SEMANTIC,
             max_depth=max_depth,
             allow_indefinite=False,
             allow_duplicate_keys=False,
             strict_hashable_types=True,
         )
-        again = cbor2.dumps(value, default=_encode_default, encoders=_STRICT_ENCODERS)
+        _check_types(value)
+        again = cbor2.dumps(value, default=_encode_default)
     except DecodeError:
         raise
     except cbor2.CBORDecodeEOF as exc:
@@ -119,8 +147,6 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         raise DecodeError("cannot decode dag-cbor: input too deep or too large") from exc
     if again != data:
         raise DecodeError(_why_not_canonical(data, again))
-    if b"\xf9" in data and any(p in data for p in _NONFINITE):
-        _refuse_nonfinite(value)
     return value
 
 
@@ -137,18 +163,6 @@ def _why_not_canonical(data: bytes, again: bytes) -> str:
         f"cannot decode dag-cbor: not in DAG-CBOR form {where} "
         "(non-minimal length or integer, float not 64-bit, or trailing bytes)"
     )
-
-
-def _refuse_nonfinite(value: Any) -> None:
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if type(v) is float and not math.isfinite(v):
-            raise DecodeError("cannot decode dag-cbor: NaN and Infinity are not allowed")
-        if type(v) is list:
-            stack.extend(v)
-        elif type(v) is dict:
-            stack.extend(v.values())
 
 
 def reencode(value: Any) -> bytes:
@@ -194,9 +208,32 @@ def encode(value: Any) -> bytes:
     return cbor2.dumps(_canonical(value), default=_encode_default)
 
 
+@lru_cache(maxsize=4096)
 def encode_text(text: str) -> bytes:
-    """The CBOR encoding of one text string."""
-    return cbor2.dumps(text)
+    """The CBOR encoding of one text string (cached: keys, DIDs and commands repeat)."""
+    b = text.encode()
+    return head(3, len(b)) + b
+
+
+def encode_bytes(data: bytes) -> bytes:
+    """The CBOR encoding of one byte string."""
+    return head(2, len(data)) + data
+
+
+def encode_int(n: int) -> bytes:
+    """The CBOR encoding of one integer (64-bit range).
+
+    Raises:
+        DecodeError: out of range.
+    """
+    if type(n) is not int or not -(1 << 64) <= n < (1 << 64):
+        raise DecodeError(f"cannot encode dag-cbor: {n!r} is not a 64-bit integer")
+    return head(0, n) if n >= 0 else head(1, -1 - n)
+
+
+def encode_link(cid: CID) -> bytes:
+    """The CBOR encoding of one link (tag 42)."""
+    return b"\xd8\x2a" + head(2, len(cid.raw) + 1) + b"\x00" + cid.raw
 
 
 def head(major: int, n: int) -> bytes:

@@ -91,6 +91,12 @@ class Delegation(Token):
     nbf: int | None
 
 
+#: decoded delegations by their bytes: the same proof rides along with many invocations,
+#: and decoding is a pure function of the bytes (treat the values as read-only)
+_DELEGATIONS: Final[dict[bytes, Delegation]] = {}
+_DELEGATIONS_MAX: Final = 1024
+
+
 def task_cid(cmd: str, sub: str, args_raw: bytes, nonce: bytes) -> CID:
     """The CID of the task ``{cmd, sub, args, nonce}`` with ``args_raw`` written verbatim."""
     return CID.dag_cbor(
@@ -169,21 +175,10 @@ def decode_token(raw: bytes, *, max_size: int = cbor.MAX_SIZE) -> Invocation | D
         raise DecodeError(f"cannot decode token: {len(raw)} bytes exceeds the limit of {max_size}")
     if not raw or raw[0] != 0x82:
         raise DecodeError("cannot decode token: not a 2-element array [signature, payload]")
-    value = cbor.decode(raw)
-    sig, sp = value
-    if type(sig) is not bytes:
-        raise DecodeError("cannot decode token: signature must be bytes")
-    if type(sp) is not dict or len(sp) != 2 or "h" not in sp:
-        raise DecodeError("cannot decode token: payload must be a map of 'h' and one tag")
-    header = sp["h"]
-    if type(header) is not bytes:
-        raise DecodeError("cannot decode token: varsig header 'h' must be bytes")
-    tag = next(k for k in sp if k != "h")
-    payload = sp[tag]
-    if type(payload) is not dict:
-        raise DecodeError(f"cannot decode token: {tag!r:.60} payload must be a map")
-    if tag not in INVOCATION_TAGS and tag not in DELEGATION_TAGS:
-        raise DecodeError(f"cannot decode token: unsupported tag {tag!r:.60}")
+    cached = _DELEGATIONS.get(raw)
+    if cached is not None:
+        return cached
+    sig, header, tag, payload = _split(cbor.decode(raw))
     check_header(header)
     offset = 1 + len(cbor.head(2, len(sig))) + len(sig)
     payload_raw = raw[offset:]
@@ -191,23 +186,9 @@ def decode_token(raw: bytes, *, max_size: int = cbor.MAX_SIZE) -> Invocation | D
     iss = _did(payload, "iss", required=True)
     assert iss is not None
     cmd = _cmd(payload)
-    common = (
-        raw, cid, tag, header, sig, payload_raw, iss,
-    )  # fmt: skip
+    common: _Common = (raw, cid, tag, header, sig, payload_raw, iss)
     if tag in DELEGATION_TAGS:
-        aud = _did(payload, "aud", required=True)
-        pol = payload.get("pol", [])
-        return Delegation(
-            *common,
-            _did(payload, "sub", required=False),
-            aud,
-            cmd,
-            _int(payload, "exp"),
-            _nonce(payload),
-            _meta(payload),
-            parse_policy(pol),
-            _int(payload, "nbf"),
-        )
+        return _delegation(common, payload)
     sub = _did(payload, "sub", required=True)
     assert sub is not None
     aud = _did(payload, "aud", required=False)
@@ -233,6 +214,49 @@ def decode_token(raw: bytes, *, max_size: int = cbor.MAX_SIZE) -> Invocation | D
     return Invocation(*fields)
 
 
+_Common = tuple[bytes, CID, str, bytes, bytes, bytes, str]
+
+
+def _split(value: Any) -> tuple[bytes, bytes, str, dict[str, Any]]:
+    """Signature, varsig header, tag and payload of a decoded envelope."""
+    if type(value) is not list or len(value) != 2:
+        raise DecodeError("cannot decode token: not a 2-element array [signature, payload]")
+    sig, sp = value
+    if type(sig) is not bytes:
+        raise DecodeError("cannot decode token: signature must be bytes")
+    if type(sp) is not dict or len(sp) != 2 or "h" not in sp:
+        raise DecodeError("cannot decode token: payload must be a map of 'h' and one tag")
+    header = sp["h"]
+    if type(header) is not bytes:
+        raise DecodeError("cannot decode token: varsig header 'h' must be bytes")
+    tag = next(k for k in sp if k != "h")
+    payload = sp[tag]
+    if type(payload) is not dict:
+        raise DecodeError(f"cannot decode token: {tag!r:.60} payload must be a map")
+    if tag not in INVOCATION_TAGS and tag not in DELEGATION_TAGS:
+        raise DecodeError(f"cannot decode token: unsupported tag {tag!r:.60}")
+    return sig, header, tag, payload
+
+
+def _delegation(common: _Common, payload: dict[str, Any]) -> Delegation:
+    dlg = Delegation(
+        *common,
+        _did(payload, "sub", required=False),
+        _did(payload, "aud", required=True),
+        _cmd(payload),
+        _int(payload, "exp"),
+        _nonce(payload),
+        _meta(payload),
+        parse_policy(payload.get("pol", [])),
+        _int(payload, "nbf"),
+    )
+    raw = common[0]
+    _DELEGATIONS[raw] = dlg
+    if len(_DELEGATIONS) > _DELEGATIONS_MAX:
+        del _DELEGATIONS[next(iter(_DELEGATIONS))]
+    return dlg
+
+
 def _receipt_args(args: dict[str, Any]) -> tuple[CID, Any, dict[str, Any] | None] | None:
     ran, out = args.get("ran"), args.get("out")
     if type(ran) is not CID or type(out) is not dict or len(out) != 1:
@@ -255,11 +279,6 @@ def _sign(signer: Signer, tag: str, payload: bytes) -> bytes:
     sig_payload = _SIG_PAYLOAD_PREFIX + cbor.encode_text(tag) + payload
     sig = signer.sign(sig_payload)
     return b"\x82" + cbor.head(2, len(sig)) + sig + sig_payload
-
-
-def _links(cids: Iterable[CID]) -> bytes:
-    items = list(cids)
-    return cbor.encode(items)
 
 
 def encode_invocation(
@@ -295,24 +314,61 @@ def encode_invocation(
         DecodeError: ``args_raw`` is not one DAG-CBOR map.
     """
     _check_args(args_raw)
-    entries: dict[str, bytes] = {
-        "cmd": cbor.encode_text(cmd),
-        "exp": cbor.encode(exp),
-        "iss": cbor.encode_text(signer.did),
-        "prf": _links(prf),
-        "sub": cbor.encode_text(sub),
-        "args": args_raw,
-        "nonce": cbor.encode(os.urandom(16) if nonce is None else nonce),
-    }
+    return _invocation(
+        signer, sub=sub, cmd=cmd, args_raw=args_raw, aud=aud, exp=exp, iat=iat, nonce=nonce,
+        prf=prf, meta=meta, cause=cause,
+    )  # fmt: skip
+
+
+def _invocation(
+    signer: Signer,
+    *,
+    sub: str,
+    cmd: str,
+    args_raw: bytes,
+    aud: str | None,
+    exp: int | None,
+    iat: int | None,
+    nonce: bytes | None,
+    prf: Iterable[CID],
+    meta: Mapping[str, Any] | None,
+    cause: CID | None,
+) -> bytes:
+    """Build and sign an invocation from args the caller vouches for (already one map)."""
+    # keys in canonical order: aud cmd exp iat iss prf sub args meta cause nonce
+    parts: list[bytes] = []
     if aud is not None:
-        entries["aud"] = cbor.encode_text(aud)
+        parts += (_K_AUD, cbor.encode_text(aud))
+    parts += (_K_CMD, cbor.encode_text(cmd), _K_EXP, _nullable_int(exp))
     if iat is not None:
-        entries["iat"] = cbor.encode(iat)
+        parts += (_K_IAT, cbor.encode_int(iat))
+    links = [cbor.encode_link(c) for c in prf]
+    parts += (
+        _K_ISS,
+        cbor.encode_text(signer.did),
+        _K_PRF,
+        cbor.head(4, len(links)) + b"".join(links),
+    )
+    parts += (_K_SUB, cbor.encode_text(sub), _K_ARGS, args_raw)
     if meta is not None:
-        entries["meta"] = cbor.encode(dict(meta))
+        parts += (_K_META, cbor.encode(dict(meta)))
     if cause is not None:
-        entries["cause"] = cbor.encode(cause)
-    return _sign(signer, INVOCATION_TAG, cbor.encode_map_raw(entries))
+        parts += (_K_CAUSE, cbor.encode_link(cause))
+    parts += (_K_NONCE, cbor.encode_bytes(os.urandom(16) if nonce is None else nonce))
+    payload = cbor.head(5, len(parts) // 2) + b"".join(parts)
+    return _sign(signer, INVOCATION_TAG, payload)
+
+
+def _nullable_int(n: int | None) -> bytes:
+    return b"\xf6" if n is None else cbor.encode_int(n)
+
+
+_K_AUD, _K_CMD, _K_EXP, _K_IAT, _K_ISS, _K_PRF, _K_SUB = (
+    cbor.encode_text(k) for k in ("aud", "cmd", "exp", "iat", "iss", "prf", "sub")
+)
+_K_ARGS, _K_META, _K_CAUSE, _K_NONCE = (
+    cbor.encode_text(k) for k in ("args", "meta", "cause", "nonce")
+)
 
 
 def encode_delegation(

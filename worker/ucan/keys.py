@@ -106,10 +106,20 @@ class Signer:
 class Resolver:
     """DID → Ed25519 public keys: did:key computed, other DIDs from a static map."""
 
-    def __init__(self, static: Mapping[str, Sequence[bytes]] | None = None) -> None:
-        """Args:
-        static: public keys (32 bytes each) of DIDs that are not did:key, e.g. did:web.
+    def __init__(
+        self,
+        static: Mapping[str, Sequence[bytes]] | None = None,
+        *,
+        cache_verified: bool = True,
+    ) -> None:
+        """A resolver.
+
+        Args:
+            static: public keys (32 bytes each) of DIDs that are not did:key, e.g. did:web.
+            cache_verified: remember delegations (by CID) whose signature verified, so a
+                proof shared by many invocations is verified once.
         """
+        self._cache_verified = cache_verified
         self._static: dict[str, tuple[nacl.signing.VerifyKey, ...]] = {}
         for did, keys in (static or {}).items():
             for k in keys:
@@ -121,10 +131,12 @@ class Resolver:
 
     def seen(self, token_cid: bytes) -> bool:
         """Whether a token with this binary CID was verified by this resolver before."""
-        return token_cid in self._verified
+        return self._cache_verified and token_cid in self._verified
 
     def remember(self, token_cid: bytes) -> None:
         """Record that the token with this binary CID has a valid signature (bounded LRU)."""
+        if not self._cache_verified:
+            return
         self._verified[token_cid] = None
         if len(self._verified) > _CACHE_SIZE:
             self._verified.popitem(last=False)

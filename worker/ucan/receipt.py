@@ -6,7 +6,7 @@ from typing import Any
 
 from worker.ucan import cbor
 from worker.ucan.cid import CID
-from worker.ucan.envelope import RECEIPT_COMMAND, encode_invocation
+from worker.ucan.envelope import RECEIPT_COMMAND, _invocation
 from worker.ucan.keys import Signer
 
 
@@ -14,10 +14,21 @@ def receipt_args(*, ran: CID, ok: Any = None, error: tuple[str, str] | None = No
     """The canonical ``{out: {ok: …} | {error: {name, message}}, ran}`` args of a receipt."""
     if error is not None:
         name, message = error
-        out: dict[str, Any] = {"error": {"name": name, "message": message}}
+        out = _ERROR + cbor.encode_text(str(name)) + _MESSAGE + cbor.encode_text(str(message))
+    elif ok is None or (type(ok) is dict and not ok):
+        out = _OK_UNIT
     else:
-        out = {"ok": {} if ok is None else ok}
-    return cbor.encode({"out": out, "ran": ran})
+        out = _OK + cbor.encode(ok)
+    return _OUT + out + _RAN + cbor.encode_link(ran)
+
+
+# {out: ..., ran: ...}: both keys 3 bytes, "out" < "ran"
+_OUT = b"\xa2\x63out"
+_RAN = b"\x63ran"
+_OK = b"\xa1\x62ok"
+_OK_UNIT = _OK + b"\xa0"
+_ERROR = b"\xa1\x65error\xa2\x64name"
+_MESSAGE = b"\x67message"
 
 
 def build_receipt(
@@ -47,12 +58,17 @@ def build_receipt(
     Raises:
         DecodeError: ``ok`` holds a value DAG-CBOR cannot encode.
     """
-    return encode_invocation(
+    # the args are our own canonical encoding: no need to re-check them
+    return _invocation(
         signer,
         sub=signer.did,
         cmd=RECEIPT_COMMAND,
         args_raw=receipt_args(ran=ran, ok=ok, error=error),
+        aud=None,
         exp=exp,
         iat=iat,
         nonce=nonce,
+        prf=(),
+        meta=None,
+        cause=None,
     )
