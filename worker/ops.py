@@ -37,7 +37,7 @@ import json
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -782,17 +782,23 @@ class AuditLog:
 class Pacer:
     """At most ``rate`` events a second, spaced evenly (no bursts)."""
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         if rate <= 0:
             raise ValueError(f"expected a positive rate, got {rate!r}")
         self._interval = 1.0 / rate
         self._clock = clock
+        self._sleep = sleep
         self._next: float | None = None
 
     async def wait(self) -> None:
         now = self._clock()
         if self._next is not None and self._next > now:
-            await asyncio.sleep(self._next - now)  # the rate limit itself, not a poll
+            await self._sleep(self._next - now)  # the rate limit itself, not a poll
             now = self._next
         self._next = now + self._interval
 
