@@ -16,9 +16,11 @@ one-shot clients leave nothing behind for long; it is never deleted on close, be
 worker publishes receipts ``mandatory`` and a deleted reply queue would make it retry.
 
 Correlation. ``correlation_id`` is the invocation's CID: a resend of the same invocation
-bytes carries the same id, and any response to any copy completes the wait. Tasks are
-idempotent (the worker stores one receipt per task and sends the same bytes again), so
-timeouts and resends are safe.
+bytes carries the same id, and any response to any copy completes the wait. A response that
+arrives before anyone waits for it (after a reconnect, or for a previous process with the
+same ``client_id``) is kept, boundedly, for a later :meth:`Client.call` or
+:meth:`Client.wait`. Tasks are idempotent (the worker stores one receipt per task and sends
+the same bytes again), so timeouts and resends are safe.
 
 Errors::
 
@@ -39,6 +41,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +89,8 @@ DEFAULT_REPLY_QUEUE_EXPIRES: Final = 3600
 NONCE_SIZE: Final = 16
 CONNECT_TIMEOUT: Final = 10.0
 PUBLISH_TIMEOUT: Final = 30.0
+#: responses kept for a later call()/wait() when they arrive before anyone waits
+MAX_UNCLAIMED: Final = 10_000
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -456,6 +461,8 @@ class Client:
         self._replies: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._waiters: dict[str, _Waiter] = {}
+        #: responses that arrived before anyone waited for them, oldest first
+        self._unclaimed: OrderedDict[str, bytes] = OrderedDict()
 
     # -- lifecycle --
 
@@ -592,6 +599,9 @@ class Client:
     ) -> Outcome:
         """Publish ``request`` and await its verified receipt, resending on timeout.
 
+        A response already received for this invocation (e.g. one that reached the reply
+        queue while the connection was down) is used without publishing again.
+
         Args:
             request: the signed request (see :meth:`build`).
             timeout: seconds to wait after each publish (default: the client's).
@@ -605,38 +615,60 @@ class Client:
             PublishFailed: the broker did not take it.
         """
         timeout = self.timeout if timeout is None else timeout
+        body = await self._await_reply(request, timeout, max(1, attempts), publish=True)
+        return verify_response(request, body, service_did=self.service_did, resolver=self.resolver)
+
+    async def wait(
+        self,
+        request: SignedRequest,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - overall, nothing is resent
+    ) -> Outcome:
+        """Await the receipt of a request published earlier, without publishing it again.
+
+        For a producer that published before a disconnect or a restart (with the same
+        ``client_id``): the response waits in the durable reply queue.
+
+        Raises:
+            ReceiptError, InvalidReceipt, ReceiptTimeout: as :meth:`call`.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        body = await self._await_reply(request, timeout, 1, publish=False)
+        return verify_response(request, body, service_did=self.service_did, resolver=self.resolver)
+
+    async def _await_reply(
+        self,
+        request: SignedRequest,
+        timeout: float,  # noqa: ASYNC109 - per attempt, between resends
+        attempts: int,
+        *,
+        publish: bool,
+    ) -> bytes:
         key = str(request.cid)
+        early = self._unclaimed.pop(key, None)
+        if early is not None:
+            return early
         waiter = self._waiters.get(key)
         if waiter is None:
             waiter = _Waiter(asyncio.get_running_loop().create_future())
             self._waiters[key] = waiter
         waiter.users += 1
         try:
-            body = await self._publish_and_wait(request, waiter, timeout, max(1, attempts))
+            for _ in range(attempts):
+                if publish and not waiter.future.done():
+                    await self.publish(request)
+                try:
+                    # shield: a timeout must not cancel the future other copies may share
+                    return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+                except TimeoutError:
+                    continue
         finally:
             waiter.users -= 1
             if waiter.users == 0 and self._waiters.get(key) is waiter:
                 del self._waiters[key]
-        return verify_response(request, body, service_did=self.service_did, resolver=self.resolver)
-
-    async def _publish_and_wait(
-        self,
-        request: SignedRequest,
-        waiter: _Waiter,
-        timeout: float,  # noqa: ASYNC109 - per attempt, between resends
-        attempts: int,
-    ) -> bytes:
-        for _ in range(attempts):
-            if not waiter.future.done():
-                await self.publish(request)
-            try:
-                # shield: a timeout must not cancel the future other copies may share
-                return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
-            except TimeoutError:
-                continue
         raise ReceiptTimeout(
             f"cannot get a receipt for task {request.task}: none within {timeout:g} s "
-            f"after {attempts} publish(es)"
+            + (f"after {attempts} publish(es)" if publish else "(not published again)")
         )
 
     async def add_customer(
@@ -659,9 +691,16 @@ class Client:
         return await self.call(request, timeout=timeout, attempts=attempts)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        waiter = self._waiters.get(message.correlation_id or "")
+        key = message.correlation_id or ""
+        waiter = self._waiters.get(key)
         if waiter is not None and not waiter.future.done():
             waiter.future.set_result(message.body)
-        # a reply nobody waits for (a duplicate, or one for an earlier run with this
-        # client_id) is dropped: a resend of its invocation gets the same receipt again
+        elif key and waiter is None:
+            # nobody waits yet (a reply from before a restart with this client_id, or one
+            # that beat wait()): keep it for a later call()/wait(), boundedly; a resend of
+            # its invocation would get the same receipt again anyway
+            self._unclaimed[key] = message.body
+            self._unclaimed.move_to_end(key)
+            while len(self._unclaimed) > MAX_UNCLAIMED:
+                self._unclaimed.popitem(last=False)
         await message.ack()
