@@ -179,12 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     eq.add_argument("--customer", metavar="DID", help="customer DID")
     eq.add_argument("--product", metavar="DID", help="product DID")
     eq.add_argument("--external-account", metavar="X", help="payment system account id")
-    eq.add_argument("--detail", action="append", default=[], metavar="K=V", help="a details entry")
+    eq.add_argument(
+        "--detail", action="append", default=[], metavar="K=V", help="a details entry (repeatable)"
+    )
     eq.add_argument(
         "--from", dest="from_file", metavar="FILE", help="bulk: NDJSON or CSV of registrations"
     )
     eq.add_argument("--results", metavar="FILE", help="bulk: write one outcome per line here")
-    eq.add_argument("--concurrency", type=int, default=32, metavar="N", help="bulk: in flight")
+    eq.add_argument(
+        "--concurrency",
+        type=int,
+        default=32,
+        metavar="N",
+        help="bulk: registrations in flight (default 32)",
+    )
     eq.add_argument(
         "--expires-in",
         type=int,
@@ -197,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="with --wait: how long to wait for the receipt",
+        help="seconds to wait for a receipt after each publish (default 30)",
     )
     eq.add_argument(
         "--client-id",
