@@ -222,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     eq.add_argument(
         "--wait", action="store_true", help="wait for the verified receipt (bulk always waits)"
     )
+    eq.add_argument(
+        "--receipt",
+        metavar="FILE",
+        help="with --wait: save the verified receipt token here (see inspect FILE)",
+    )
     eq.add_argument("--json", action="store_true", help="print one JSON document")
     _setting_flags(eq, ("amqp_url", "queue", "log_format"))
     return p

@@ -35,6 +35,7 @@ from worker.client import (
     ClientError,
     CustomerAdd,
     ProofError,
+    ReceiptError,
     SignedRequest,
     build_customer_add,
     load_proofs,
@@ -296,6 +297,16 @@ def _check_command(cmd: str) -> str:
     return cmd
 
 
+def _write(path: Path, data: bytes, flag: str) -> None:
+    """Write ``data`` to ``path`` whole or not at all (through a temporary file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot write {str(path)!r}: {exc.strerror}") from None
+
+
 def delegate_main(args: argparse.Namespace, settings: Settings) -> int:
     """``delegate``: the issuer's key signs a delegation; ``--out`` gets it as a container."""
     signer = read_key(args.key)
@@ -319,12 +330,7 @@ def delegate_main(args: argparse.Namespace, settings: Settings) -> int:
     )
     body = encode_container([token], header=0x42 if args.base64 else None)
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        tmp.write_bytes(body)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise ConfigError(f"--out: cannot write {str(out)!r}: {exc.strerror}") from None
+    _write(out, body, "--out")
     doc = {
         "cid": str(CID.dag_cbor(token)),
         "iss": signer.did,
@@ -421,8 +427,10 @@ def enqueue_main(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--timeout, --concurrency and --attempts must be positive")
     if args.expires_in is not None and args.expires_in <= 0:
         raise ConfigError(f"--expires-in: expected a positive number, got {args.expires_in}")
+    if args.receipt and not args.wait:
+        raise ConfigError("--receipt needs --wait")
     if args.from_file:
-        if args.customer or args.product or args.detail or args.external_account:
+        if args.customer or args.product or args.detail or args.external_account or args.receipt:
             raise ConfigError("--from: give registrations in the file or as flags, not both")
         rows = read_rows(Path(args.from_file))
         setup = _setup(args)
@@ -460,13 +468,18 @@ async def _single(
     async with _client(args, settings, setup, replies=args.wait) as client:
         request = client.build(registration)
         error: tuple[str, str] | None = None
+        receipt: bytes | None = None
         try:
             if args.wait:
-                await client.call(request, attempts=args.attempts)
+                receipt = (await client.call(request, attempts=args.attempts)).receipt.raw
             else:
                 await client.publish(request, reply=False)
+        except ReceiptError as exc:
+            error, receipt = (exc.name, exc.message), exc.receipt.raw
         except ClientError as exc:
             error = (exc.name, exc.message)
+    if args.receipt and receipt is not None:
+        _write(Path(args.receipt), receipt, "--receipt")
     record = outcome_record(None, registration.customer, request, error)
     del record["line"]
     if not args.wait:

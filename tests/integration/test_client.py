@@ -30,6 +30,7 @@ from worker.config import Secret, Settings
 from worker.ucan import (
     CID,
     Delegation,
+    Receipt,
     Signer,
     customer_add_args,
     decode_request,
@@ -400,6 +401,8 @@ async def test_single_enqueue_wait_json(
             "region=us-east-1",
             "--wait",
             "--json",
+            "--receipt",
+            str(tmp_path / "receipt.bin"),
             "--client-id",
             "cli",
             "--amqp-url",
@@ -414,6 +417,9 @@ async def test_single_enqueue_wait_json(
     [doc] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert doc["ok"] is True and doc["error"] is None and doc["task"].startswith("bafy")
     assert stack.hilt.export() not in out
+    receipt = decode_token((tmp_path / "receipt.bin").read_bytes())
+    assert isinstance(receipt, Receipt)
+    assert str(receipt.ran) == doc["task"] and receipt.iss == stack.service.did
     row = await _customer(stack.settings.database_url, "did:plc:single")
     assert row is not None and json.loads(row["details"]) == {"region": "us-east-1"}
 

@@ -88,6 +88,7 @@ def test_parse_details_rejects_malformed(bad: str) -> None:
         ["--customer", "did:plc:a", "--product", "did:web:p", "--detail", "oops"],
         ["--from", "x.ndjson", "--customer", "did:plc:a"],
         ["--customer", "did:plc:a", "--product", "did:web:p", "--concurrency", "0"],
+        ["--customer", "did:plc:a", "--product", "did:web:p", "--receipt", "r.bin"],
     ],
 )
 def test_enqueue_usage_errors_exit_2(
