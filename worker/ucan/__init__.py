@@ -28,8 +28,10 @@ Keys (``keys.py``)
         ``repr()`` never shows the key
     ``Resolver``                       DID -> Ed25519 public keys: did:key computed; a static
                                        ``{did: [32-byte public key]}`` map for others (did:web)
-        ``Resolver(static: Mapping[str, Sequence[bytes]] | None = None)``
+        ``Resolver(static: Mapping[str, Sequence[bytes]] | None = None, *, cache_verified=True)``
         ``.verify(did: str, msg: bytes, sig: bytes) -> bool``
+        with ``cache_verified`` it remembers (bounded, by CID) delegations whose signature
+        verified, so a proof that rides along with every request is verified once
 
 Tokens (``envelope.py``)
     ``Invocation``, ``Delegation``, ``Receipt`` (a Receipt *is* an Invocation), frozen; common
@@ -39,7 +41,8 @@ Tokens (``envelope.py``)
     no expiry), ``nonce``, ``meta``.
         ``Invocation``: ``args`` (decoded, plain Python: dict/list/str/int/bytes/bool/None/CID),
                         ``args_raw`` (bytes exactly as received), ``prf: tuple[CID, ...]`` root
-                        first, ``iat``, ``cause``, ``task_cid: CID`` over {cmd, sub, args raw, nonce}
+                        first, ``iat``, ``cause``, ``task_cid: CID`` over {cmd, sub, args raw, nonce},
+                        ``audience`` (``aud``, else ``sub``)
         ``Delegation``: ``pol`` (parsed Policy), ``nbf``
         ``Receipt``: ``ran: CID``, ``ok`` (value or None), ``error`` (``{"name", "message"}`` or None)
     ``decode_token(raw: bytes, *, max_size: int = 1 << 20) -> Invocation | Delegation | Receipt``
@@ -54,7 +57,8 @@ Tokens (``envelope.py``)
 Containers (``container.py``)
     ``Request``: ``invocations: list[Invocation]``, ``delegations: dict[CID, Delegation]``,
                  ``receipts: list[Receipt]``, ``dropped: list[str]`` (why each unreadable token
-                 inside the container was skipped, as ucantone skips them)
+                 inside the container was skipped, as ucantone skips them), ``tokens`` (all
+                 decoded tokens in container order)
     ``decode_request(body: bytes, *, max_size: int = 1 << 20) -> Request``  every form of
         CONTRACT §4: raw ``{"ctn-v1": [...]}``, header bytes 0x40/0x42/0x43/0x44-0x46/0x4D/0x4F/
         0x50, or a bare token. Raises DecodeError when the body is none of these.
@@ -74,13 +78,21 @@ Receipts (``receipt.py``)
                     iat: int, exp: int | None = None, nonce: bytes | None = None) -> bytes``
         CONTRACT §4: cmd /ucan/assert/receipt, iss = sub = signer.did, no aud, prf [], 16-byte
         nonce, args {out: {ok: ...} | {error: {name, message}}, ran}; ``ok`` None means ``{}``
+    ``receipt_args(*, ran, ok=None, error=None) -> bytes``   just the canonical args
+
+``/customer/add`` (``customer.py``)
+    ``customer_add_args(customer, product, details: Mapping[str, str], external_account=None)
+        -> bytes``  byte for byte as libforge encodes them: keys details, product, customer,
+        externalAccount; details keys in Go ``sort.Strings`` order (not canonical, on purpose)
+    ``CUSTOMER_ADD = "/customer/add"``
 
 Policies (``policy.py``, ``selector.py``)
     ``parse_policy(value: object) -> Policy``; ``match_policy(policy, args) -> None`` raises
     ValidationError("MatchError"); ``parse_selector(text)``, ``select(selector, value)``
 
 CBOR (``cbor.py``)
-    ``decode(data: bytes, *, max_depth: int = 64) -> object``  DAG-CBOR except map-key order;
+    ``decode(data: bytes, *, max_depth: int = 64) -> object``  DAG-CBOR except map-key order
+    (cbor2's C decoder, then the decoded value re-encoded in wire order must equal the input);
     ``encode(value: object) -> bytes``  canonical DAG-CBOR; ``to_dag_json(value) -> object``
     JSON-ready (bytes as {"/": {"bytes": b64}}, links as {"/": cid})
 """

@@ -106,60 +106,145 @@ def equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+#: most patterns one ``like`` pattern may expand to through ``{a,b}`` alternatives, and
+#: the deepest nesting of alternatives; beyond either the pattern is refused (no match)
+GLOB_MAX_EXPANSIONS: Final = 256
+GLOB_MAX_NESTING: Final = 16
+_STAR: Final = None
+
+
+class _BadGlob(Exception):
+    """A pattern gobwas would not compile, or one past this module's bounds."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Glob:
+    """One alternative of a pattern: fixed-length segments separated by ``*``."""
+
+    segments: tuple[tuple[re.Pattern[str], int], ...]  # (matcher, length in characters)
+    anchored_start: bool  # no ``*`` before the first segment
+    anchored_end: bool  # no ``*`` after the last segment
+
+
 @lru_cache(maxsize=512)
-def _glob(pattern: str) -> re.Pattern[str]:
-    return re.compile(_glob_regex(pattern, 0)[0], re.DOTALL)
+def _glob(pattern: str) -> tuple[_Glob, ...] | None:
+    """The pattern's alternatives, or None when it is malformed (it then matches nothing)."""
+    try:
+        variants, _ = _glob_parse(pattern, 0, 0, in_alt=False)
+        return tuple(_glob_compile(v) for v in variants)
+    except (_BadGlob, re.error, RecursionError, OverflowError):
+        return None
 
 
-def _glob_regex(p: str, i: int, in_alt: bool = False) -> tuple[str, int]:
-    out: list[str] = []
+def _glob_parse(p: str, i: int, depth: int, *, in_alt: bool) -> tuple[list[list[str | None]], int]:
+    """Expand ``{a,b}`` alternatives into flat sequences of pieces: a one-character regex, or
+    ``_STAR``. The same reading as gobwas: ``\\`` escapes, ``?`` one character, ``[...]`` and
+    ``[!...]`` classes, ``{a,b}`` alternatives, ``*`` any run."""
+    if depth > GLOB_MAX_NESTING:
+        raise _BadGlob("alternatives nested too deeply")
+    out: list[list[str | None]] = [[]]
     n = len(p)
     while i < n:
         c = p[i]
+        piece: str | None
         if c == "\\" and i + 1 < n:
-            out.append(re.escape(p[i + 1]))
-            i += 2
+            piece, i = re.escape(p[i + 1]), i + 2
         elif c == "*":
-            out.append(".*")
-            i += 1
+            piece, i = _STAR, i + 1
         elif c == "?":
-            out.append(".")
-            i += 1
+            piece, i = ".", i + 1
         elif c == "[":
-            close = p.find("]", i + 2)
-            if close < 0:
-                out.append(re.escape(c))
-                i += 1
-                continue
-            body = p[i + 1 : close]
-            neg = body.startswith("!")
-            if neg:
-                body = body[1:]
-            cls = "".join(re.escape(ch) if ch != "-" else "-" for ch in body)
-            out.append(f"[{'^' if neg else ''}{cls}]")
-            i = close + 1
+            piece, i = _glob_class(p, i)
         elif c == "{":
-            alts: list[str] = []
+            alts: list[list[str | None]] = []
             i += 1
             while True:
-                part, i = _glob_regex(p, i, True)
-                alts.append(part)
+                part, i = _glob_parse(p, i, depth + 1, in_alt=True)
+                alts.extend(part)
+                if len(alts) > GLOB_MAX_EXPANSIONS:
+                    raise _BadGlob("too many alternatives")
                 if i >= n or p[i] == "}":
                     i += 1
                     break
                 i += 1  # the comma
-            out.append("(?:" + "|".join(alts) + ")")
+            if len(out) * len(alts) > GLOB_MAX_EXPANSIONS:
+                raise _BadGlob("too many alternatives")
+            out = [seq + alt for seq in out for alt in alts]
+            continue
         elif in_alt and c in ",}":
-            return "".join(out), i
+            return out, i
         else:
-            out.append(re.escape(c))
-            i += 1
-    return "".join(out), i
+            piece, i = re.escape(c), i + 1
+        for seq in out:
+            seq.append(piece)
+    return out, i
+
+
+def _glob_class(p: str, i: int) -> tuple[str, int]:
+    """``[...]`` or ``[!...]`` at ``i`` as a one-character regex; a lone ``[`` is literal."""
+    close = p.find("]", i + 2)
+    if close < 0:
+        return re.escape("["), i + 1
+    body = p[i + 1 : close]
+    neg = body.startswith("!")
+    if neg:
+        body = body[1:]
+    cls = "".join(re.escape(ch) if ch != "-" else "-" for ch in body)
+    return f"[{'^' if neg else ''}{cls}]", close + 1
+
+
+def _glob_compile(pieces: list[str | None]) -> _Glob:
+    runs: list[list[str]] = [[]]
+    for piece in pieces:
+        if piece is _STAR:
+            if runs[-1] or len(runs) == 1:
+                runs.append([])
+        else:
+            runs[-1].append(piece)
+    starred = len(runs) > 1
+    first, last = bool(runs[0]) or not starred, bool(runs[-1]) or not starred
+    segments = tuple(
+        (re.compile("".join(run), re.DOTALL), len(run)) for run in runs if run or not starred
+    )
+    return _Glob(segments, anchored_start=first, anchored_end=last)
+
+
+def _glob_match(g: _Glob, text: str) -> bool:
+    """Leftmost-first matching of fixed-length segments: linear in the text per segment,
+    never backtracking across ``*`` (a regex ``.*a.*a…`` would be exponential)."""
+    segs = list(g.segments)
+    if not segs:  # only stars
+        return True
+    if g.anchored_start and g.anchored_end and len(segs) == 1:
+        matcher, length = segs[0]
+        return len(text) == length and matcher.fullmatch(text) is not None
+    pos, end = 0, len(text)
+    if g.anchored_end:
+        matcher, length = segs.pop()
+        if end - length < 0 or matcher.fullmatch(text, end - length) is None:
+            return False
+        end -= length
+    if g.anchored_start:
+        matcher, length = segs.pop(0)
+        if length > end or matcher.match(text, 0, length) is None:
+            return False
+        pos = length
+    for matcher, _length in segs:
+        m = matcher.search(text, pos, end)
+        if m is None:
+            return False
+        pos = m.end()
+    return pos <= end
 
 
 def like(pattern: str, text: str) -> bool:
-    """gobwas/glob matching of ``text`` against ``pattern`` (whole string)."""
-    return _glob(pattern).fullmatch(text) is not None
+    """gobwas/glob matching of ``text`` against ``pattern`` (whole string), in linear time.
+
+    A malformed pattern (e.g. ``[z-a]``) matches nothing, as a pattern gobwas cannot
+    compile fails the statement in ucantone.
+    """
+    variants = _glob(pattern)
+    return variants is not None and any(_glob_match(g, text) for g in variants)
 
 
 def _is_int(v: Any) -> bool:

@@ -101,16 +101,28 @@ def _bracket(text: str, i: int) -> tuple[int, Segment]:
         return j + 1, Segment("field", key=key)
     close = text.find("]", i)
     if close < 0:
-        raise DecodeError(f"cannot parse selector {text!r}: missing ']'")
+        raise DecodeError(f"cannot parse selector {text!r:.80}: missing ']'")
     inner = text[i + 1 : close]
     if ":" in inner:
         a, _, b = inner.partition(":")
         if (a and not _INT.fullmatch(a)) or (b and not _INT.fullmatch(b)):
-            raise DecodeError(f"cannot parse selector {text!r}: bad slice {inner!r}")
-        return close, Segment("slice", start=int(a) if a else None, end=int(b) if b else None)
+            raise DecodeError(f"cannot parse selector {text!r:.80}: bad slice {inner!r:.40}")
+        return close, Segment("slice", start=_index(a, text), end=_index(b, text))
     if not _INT.fullmatch(inner):
-        raise DecodeError(f"cannot parse selector {text!r}: bad index {inner!r}")
-    return close, Segment("index", index=int(inner))
+        raise DecodeError(f"cannot parse selector {text!r:.80}: bad index {inner!r:.40}")
+    index = _index(inner, text)
+    assert index is not None
+    return close, Segment("index", index=index)
+
+
+def _index(digits: str, text: str) -> int | None:
+    """An index or slice bound; past 64 bits it is refused (Go's strconv would refuse it,
+    and Python's int() raises ValueError on thousands of digits)."""
+    if not digits:
+        return None
+    if len(digits.lstrip("-")) > 19 or not -(1 << 63) <= (value := int(digits)) < (1 << 63):
+        raise DecodeError(f"cannot parse selector {text!r:.80}: index out of 64-bit range")
+    return value
 
 
 def _step(seg: Segment, value: Any) -> Any:

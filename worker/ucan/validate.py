@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
+from typing import Final
 
 from worker.ucan.cid import CID
 from worker.ucan.envelope import Delegation, Invocation, Token, verify_signature
@@ -17,6 +18,10 @@ from worker.ucan.keys import Resolver
 from worker.ucan.policy import Policy, Statement, match_policy
 
 _DEFAULT_RESOLVER = Resolver()
+#: most proofs one invocation may name (Hilt sends one). ucantone has no bound; without
+#: one, a holder of any delegation could make each message walk a chain as long as the
+#: message allows (a cycle of its own delegations, each repeating its policy statements)
+MAX_PROOFS: Final = 16
 
 
 def proves(granted: str, wanted: str) -> bool:
@@ -66,10 +71,17 @@ def validate_invocation(
     Raises:
         ValidationError: with ucantone's error name (``InvalidSignature``, ``Expired``,
             ``TooEarly``, ``UnavailableProof``, ``InvalidClaim``, ``InvalidSubject``,
-            ``InvalidAudience``, ``ImpossibleAttenuation``, ``MatchError``, ``UnknownError``).
+            ``InvalidAudience``, ``ImpossibleAttenuation``, ``MatchError``, ``UnknownError``);
+            ``InvalidClaim`` too for a chain longer than :data:`MAX_PROOFS`.
     """
     res = resolver or _DEFAULT_RESOLVER
     _check_token(inv, now=now, clock_skew=clock_skew, resolver=res)
+    if len(inv.prf) > MAX_PROOFS:
+        raise ValidationError(
+            "InvalidClaim",
+            f"invocation {str(inv.cid)!r} names {len(inv.prf)} proofs; "
+            f"a chain of at most {MAX_PROOFS} is accepted",
+        )
     chain: list[Delegation] = []
     for link in inv.prf:
         prf = proofs.get(link)

@@ -144,7 +144,7 @@ def _decode_or_error(data: bytes) -> None:
         decode(data)
     except DecodeError as exc:
         assert "\n" not in str(exc)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 2.0
 
 
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])

@@ -28,7 +28,7 @@ def _only_decode_error(fn: Callable[[bytes], Any], data: bytes) -> None:
         fn(data)
     except DecodeError as exc:
         assert "\n" not in str(exc)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 2.0
 
 
 @settings(max_examples=300)
