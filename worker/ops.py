@@ -63,9 +63,17 @@ H_REPLAY_OF_DEATH: Final = "forge-replay-of-death"
 #: who replayed the message (user@host of the operator)
 H_REPLAYED_BY: Final = "forge-replayed-by"
 
-#: headers the broker sets and a replay strips (RabbitMQ 4 ignores client-set ``x-death``,
-#: and a stale one misleads whoever reads the message next)
-_BROKER_HEADERS: Final = ("x-death", "x-delivery-count", "x-acquired-count")
+#: headers about a message's last death, which a replay moves under H_REPLAY_OF_DEATH
+_DEATH_HEADERS: Final = frozenset(
+    {
+        "x-death",
+        topology.H_ATTEMPT,
+        topology.H_REASON,
+        topology.H_ERROR,
+        topology.H_DEAD_LETTERED_AT,
+        topology.H_ORIGIN_QUEUE,
+    }
+)
 _BROKER_HEADER_PREFIXES: Final = ("x-first-death-", "x-last-death-")
 
 #: seconds to wait for a broker answer (connect, declare, get, publish confirm)
@@ -698,23 +706,31 @@ def replay_copy(message: AbstractMessage, *, now: datetime, by: str) -> aio_pika
 
     Keeps the body and the properties the worker and the upstream rely on (``message_id``,
     ``correlation_id``, ``reply_to``, ``timestamp``, content type and encoding, ``type``,
-    ``app_id``) and every non-broker header, including the worker's first arrival. Strips
-    the broker's ``x-death``, ``x-first-death-*``, ``x-last-death-*`` and delivery counts,
-    keeping them under :data:`H_REPLAY_OF_DEATH` for the record. Adds
-    :data:`~worker.topology.H_REPLAY_COUNT`, :data:`~worker.topology.H_REPLAYED_AT` and
-    :data:`H_REPLAYED_BY`. ``user_id`` is dropped: the broker rejects a publish whose
-    ``user_id`` is not the publishing user's. A message without ``message_id`` gets a random
-    one from aiormq (it tracks returns by it), so its dead-letter id changes on replay.
-    ``expiration`` is dropped: a replay must not vanish again on a stale per-message TTL.
+    ``app_id``) and every header that is not about the last death, including the worker's
+    first arrival (time bounds are checked as of it).
+
+    Moves the headers about the last death under :data:`H_REPLAY_OF_DEATH`, for the
+    record: the broker's ``x-death``, ``x-first-death-*`` and ``x-last-death-*`` (RabbitMQ 4
+    ignores client-set ones, and stale ones mislead), and the worker's attempt, reason,
+    error, origin queue and dead-lettered-at. So the replayed message gets a fresh retry
+    budget, and if it dies again its dead letter tells the new reason, not the old one.
+    The broker's delivery counts are dropped. Adds :data:`~worker.topology.H_REPLAY_COUNT`,
+    :data:`~worker.topology.H_REPLAYED_AT` and :data:`H_REPLAYED_BY`.
+
+    ``user_id`` is dropped: the broker rejects a publish whose ``user_id`` is not the
+    publishing user's. ``expiration`` is dropped: a replay must not vanish again on a stale
+    per-message TTL. A message without ``message_id`` gets a random one from aiormq (it
+    tracks returns by it), so its dead-letter id changes on replay.
     """
     old: Mapping[str, Any] = message.headers or {}
     headers: dict[str, Any] = {}
     death: dict[str, Any] = {}
     for key, value in old.items():
-        if key in _BROKER_HEADERS or key.startswith(_BROKER_HEADER_PREFIXES):
-            if key not in ("x-delivery-count", "x-acquired-count"):
-                death[key] = value
-        else:
+        if key in ("x-delivery-count", "x-acquired-count"):
+            continue
+        if key in _DEATH_HEADERS or key.startswith(_BROKER_HEADER_PREFIXES):
+            death[key] = value
+        elif key != H_REPLAY_OF_DEATH:
             headers[key] = value
     if death:
         headers[H_REPLAY_OF_DEATH] = death

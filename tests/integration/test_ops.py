@@ -286,7 +286,10 @@ async def test_replay_moves_back_with_headers_and_audit(
     replayed_at = a.headers[topology.H_REPLAYED_AT]
     assert isinstance(replayed_at, int) and abs(replayed_at - time.time()) < 60
     assert a.headers[topology.H_FIRST_ARRIVAL] == populated["now"] - 3600 - 60  # kept
-    assert a.headers[topology.H_REASON] == "retries-exhausted"
+    assert topology.H_REASON not in a.headers and topology.H_ATTEMPT not in a.headers
+    old_death: Any = a.headers[ops.H_REPLAY_OF_DEATH]
+    assert old_death[topology.H_REASON] == "retries-exhausted"
+    assert old_death[topology.H_ATTEMPT] == 3
     for m in moved:
         assert not any(k.startswith(("x-death", "x-first-", "x-last-")) for k in m.headers)
     # the broker's history is kept under a non-x name

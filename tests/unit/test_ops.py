@@ -145,6 +145,12 @@ def test_replay_copy_strips_broker_headers_and_keeps_properties() -> None:
     headers: dict[str, Any] = {
         topology.H_REPLAY_COUNT: 2,
         topology.H_FIRST_ARRIVAL: 1,
+        topology.H_ATTEMPT: 3,
+        topology.H_REASON: "retries-exhausted",
+        topology.H_ERROR: "database down",
+        topology.H_DEAD_LETTERED_AT: 5,
+        topology.H_ORIGIN_QUEUE: "ucan.invocations",
+        ops.H_REPLAY_OF_DEATH: {"x-death": []},  # the previous replay's record
         **broker_headers(),
     }
     headers["x-last-death-reason"] = "delivery_limit"
@@ -184,7 +190,20 @@ def test_replay_copy_strips_broker_headers_and_keeps_properties() -> None:
         "x-first-death-queue",
         "x-first-death-reason",
         "x-last-death-reason",
+        topology.H_ATTEMPT,
+        topology.H_REASON,
+        topology.H_ERROR,
+        topology.H_DEAD_LETTERED_AT,
+        topology.H_ORIGIN_QUEUE,
     }
+    assert death[topology.H_REASON] == "retries-exhausted"
+    assert death["x-death"] == broker_headers()["x-death"]
+    # a fresh retry budget, and no stale reason should it die again
+    for gone in (topology.H_ATTEMPT, topology.H_REASON, topology.H_DEAD_LETTERED_AT):
+        assert gone not in h
+    # and a replayed message that dies again is described by its new death
+    again = ops.describe(aio_pika.Message(b"b", headers={**h, **broker_headers("rejected")}))
+    assert again.reason == "rejected" and again.replay_count == 3
     # a message that never died at the broker's hands carries no empty record
     plain = ops.replay_copy(aio_pika.Message(b"b"), now=now, by="x")
     assert ops.H_REPLAY_OF_DEATH not in plain.headers
