@@ -1,0 +1,58 @@
+"""A database outage against the real Postgres, through the fault proxy: messages wait in
+the retry queues, and all succeed once it is back; nothing is dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.harness import FaultRig, poll_until
+
+pytestmark = pytest.mark.integration
+
+#: how long the database stays unreachable
+OUTAGE_S = 3.0
+
+
+@pytest.fixture(name="rig")
+async def _rig(
+    amqp_url: str, database_url: str, queue_name: str, tmp_path: Path
+) -> AsyncIterator[FaultRig]:
+    async with FaultRig(
+        amqp_url=amqp_url, database_url=database_url, queue=queue_name, log_dir=tmp_path
+    ) as rig:
+        yield rig
+
+
+async def test_database_outage_waits_in_retry_queues_then_succeeds(rig: FaultRig) -> None:
+    await rig.start_worker()
+    before = rig.requests(20)
+    await rig.publish(before)
+    await rig.collector.wait_for([r.correlation_id for r in before], within=30)
+
+    # the database goes away: live connections are reset, new ones refused
+    rig.pg_proxy.refuse()
+    rig.pg_proxy.cut()
+    during = rig.requests(100)
+    await rig.publish(during)
+    waiting = await poll_until(rig.retry_depth, within=15, what="messages in the retry queues")
+    assert waiting > 0
+    await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for a condition
+    assert not rig.collector.answered & {r.correlation_id for r in during}, (
+        "answered while the database was unreachable"
+    )
+    assert rig.pg_proxy.stats.refused > 0, "the worker never tried the database"
+
+    rig.pg_proxy.accept()
+    await rig.collector.wait_for([r.correlation_id for r in during], within=60)
+
+    assert rig.collector.check([*before, *during]) == []
+    assert await rig.dead_letters() == 0
+    counts = await rig.counts()
+    assert (counts.customers, counts.ledger) == (120, 120)
+    assert counts.duplicate_effects == 0, counts
+    depths = await rig.depths()
+    assert sum(depths.values()) == 0, depths
