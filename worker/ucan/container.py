@@ -84,6 +84,8 @@ def gunzip(data: bytes, *, max_size: int) -> bytes:
         raise DecodeError(f"cannot decode container: inflates beyond the limit of {max_size} bytes")
     if not d.eof:
         raise DecodeError("cannot decode container: truncated gzip stream")
+    if d.unused_data:
+        raise DecodeError("cannot decode container: trailing bytes after the gzip stream")
     return out
 
 

@@ -76,6 +76,8 @@ def test_gzip_is_bounded() -> None:
     with pytest.raises(DecodeError, match="limit"):
         ctn.gunzip(bomb, max_size=1 << 20)
     assert ctn.gunzip(gzip.compress(b"abc"), max_size=3) == b"abc"
+    with pytest.raises(DecodeError, match="trailing"):
+        ctn.gunzip(gzip.compress(b"abc") + b"junk", max_size=1000)
     with pytest.raises(DecodeError, match="truncated"):
         ctn.gunzip(gzip.compress(b"abc" * 100)[:-10], max_size=1000)
 
