@@ -578,3 +578,19 @@ async def test_depth_poller_sets_gauges(amqp, channel, settings) -> None:
     await poller.poll_once()
     assert value("forge_worker_queue_depth", dlq) is None
     assert value("forge_worker_queue_depth", settings.queue) == 3
+
+
+async def test_replay_without_the_database_moves_nothing_and_exits_3(
+    amqp, populated, settings, capsys
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = flags(settings)
+    args[args.index("--database-url") + 1] = f"postgresql://postgres@127.0.0.1:{port}/x"
+    assert await run_cli("dlq", "replay", "--all", *args) == 3
+    assert "cannot reach the database" in capsys.readouterr().err
+    assert await depth(amqp, topology.dead_letter_name(settings.queue)) == 3
+    assert await depth(amqp, settings.queue) == 0
+    # a dry run needs no database
+    assert await run_cli("dlq", "replay", "--all", "--dry-run", *args) == 0
