@@ -38,6 +38,7 @@ _REASONS: Final = {
     404: "Not Found",
     405: "Method Not Allowed",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -160,7 +161,11 @@ class _App:
             except asyncio.LimitOverrunError:
                 response, method = _Response(431, b"request head too large\n"), "GET"
             else:
-                response, method = await self._parse_and_route(head)
+                try:
+                    response, method = await self._parse_and_route(head)
+                except Exception as exc:  # a bug must not take the server down, nor hide
+                    body = f"internal error: {type(exc).__name__}\n".encode()
+                    response, method = _Response(500, body), "GET"
             await self._write(writer, response, head_only=method == "HEAD")
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away or never finished its request

@@ -176,3 +176,15 @@ async def test_port_is_released_on_exit(metrics: Metrics, probes: FakeProbes) ->
     # and can be bound again at once
     async with serve_http("127.0.0.1", port, metrics, probes) as again:
         assert again.port == port
+
+
+async def test_a_failing_handler_answers_500_and_the_server_lives_on(
+    server: HttpServer, metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(registry: object) -> bytes:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("worker.http.generate_latest", broken)
+    status, _, body = await get(server.port, "/metrics")
+    assert status == 500 and b"RuntimeError" in body
+    assert (await get(server.port, "/healthz"))[0] == 200
