@@ -594,3 +594,43 @@ async def test_replay_without_the_database_moves_nothing_and_exits_3(
     assert await depth(amqp, settings.queue) == 0
     # a dry run needs no database
     assert await run_cli("dlq", "replay", "--all", "--dry-run", *args) == 0
+
+
+def _error(poller: ops.DepthPoller) -> BaseException | None:
+    return poller.last_error  # read afresh (mypy would keep an earlier narrowing)
+
+
+async def test_depth_poller_survives_a_broker_cut(amqp_url, channel, settings) -> None:
+    from urllib.parse import urlsplit
+
+    from tests.faults.proxy import Proxy
+
+    port = urlsplit(amqp_url).port
+    assert port is not None
+    metrics = Metrics()
+    await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=settings.queue)
+    async with Proxy(port) as proxy:
+        conn = await aio_pika.connect_robust(proxy.url(amqp_url), reconnect_interval=0.1)
+        reconnected = asyncio.Event()
+        conn.reconnect_callbacks.add(lambda *_: reconnected.set())
+        try:
+            async with ops.DepthPoller(conn, [settings.queue], metrics, interval=0.05) as poller:
+                await poller.wait_rounds(1)
+                assert poller.last_error is None
+                proxy.refuse()
+                proxy.cut()
+                failed = poller.rounds
+                await poller.wait_rounds(failed + 2)
+                assert _error(poller) is not None  # skipped, not crashed
+                await channel.default_exchange.publish(
+                    aio_pika.Message(b"y"), routing_key=settings.queue
+                )
+                proxy.accept()
+                async with asyncio.timeout(10):
+                    await reconnected.wait()
+                    while _error(poller) is not None:
+                        await poller.wait_rounds(poller.rounds + 1)
+            sample = metrics.registry.get_sample_value
+            assert sample("forge_worker_queue_depth", {"queue": settings.queue}) == 2
+        finally:
+            await conn.close()
