@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -95,6 +96,55 @@ class Timeline:
         self.events.append(event)
         extra = " ".join(f"{k}={v}" for k, v in detail.items())
         print(f"[{event['t']:8.2f}s] {what} {extra}".rstrip(), flush=True)
+
+
+class Supervisor:
+    """Keeps one worker running, as the deployment's ``restart: unless-stopped`` does: a
+    worker that exits by itself (e.g. exit 3, the database unreachable at start-up) is
+    started again after ``backoff`` seconds; one killed by the chaos is started at once."""
+
+    def __init__(self, worker: WorkerProcess, index: int, tl: Timeline, backoff: float = 1.0):
+        self.worker = worker
+        self.index = index
+        self.tl = tl
+        self.backoff = backoff
+        #: exit codes of exits nobody asked for
+        self.unplanned: list[int] = []
+        self._killing = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.worker.start()
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            code = await self.worker.wait()
+            if self._stopping:
+                return
+            if self._killing:
+                self._killing = False
+            else:
+                self.unplanned.append(code)
+                self.tl.mark("worker_exited", worker=self.index, code=code)
+                await asyncio.sleep(self.backoff)  # the supervisor's restart delay
+            await self.worker.start()
+            self.tl.mark("restart", worker=self.index)
+
+    async def kill(self) -> None:
+        """SIGKILL the worker; the watcher starts it again at once."""
+        self._killing = True
+        await self.worker.kill()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await self.worker.stop(within=10)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.worker.close()
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -193,126 +243,132 @@ async def run(args: argparse.Namespace) -> int:
     tl.mark("signed", n=len(requests), seconds=round(build_s, 2))
 
     conn = await aio_pika.connect_robust(AMQP_URL)
-    workers: list[WorkerProcess] = []
+    workers: list[Supervisor] = []
     result: dict[str, Any] = {}
     try:
         async with Proxy(5672) as amqp_proxy, Proxy(5432) as pg_proxy:
-            extra = ids.worker_env()
-            if args.retry_delays:
-                extra["FORGE_WORKER_RETRY_DELAYS"] = args.retry_delays
-            if args.prefetch:
-                extra["FORGE_WORKER_PREFETCH"] = str(args.prefetch)
-            env = worker_env(
-                amqp_url=amqp_proxy.url(AMQP_URL),
-                database_url=pg_proxy.url(dsn),
-                queue=queue,
-                extra=extra,
-            )
-            # migrations straight to the database, then the audit trigger on customer
-            rc = await run_command(
-                {**env, "FORGE_WORKER_DATABASE_URL": dsn}, logs / "migrate.log", "migrate"
-            )
-            if rc != 0:
-                raise SystemExit(f"migrate failed ({rc}); see {logs / 'migrate.log'}")
-            await install_write_audit(dsn)
-
-            collector = ReceiptCollector()
-            await collector.start(await conn.channel(), reply_queue)
-            workers = [WorkerProcess(env, logs / f"worker-{i}.log") for i in range(args.workers)]
-            for w in workers:
-                await w.start()
-            await poll_until(
-                lambda: _consumers_at_least(conn, queue, args.workers),
-                within=60,
-                what=f"{args.workers} consumers on {queue}",
-            )
-            tl.mark("workers_ready", workers=args.workers)
-
-            faults = _schedule(rng, args)
-            tl.mark("faults_planned", plan=[(f, round(at, 3)) for at, f in faults])
-            pub_ch = await conn.channel(publisher_confirms=True)
-            t_pub = time.monotonic()
-            publisher = asyncio.create_task(
-                _publish(pub_ch, queue, reply_queue, requests, args.rate)
-            )
-            fault_task = asyncio.create_task(
-                _inject(conn, faults, args, collector, workers, amqp_proxy, pg_proxy, rng, tl)
-            )
-            sent = await publisher
-            publish_s = time.monotonic() - t_pub
-            tl.mark(
-                "published",
-                sent=sent,
-                seconds=round(publish_s, 2),
-                per_second=round(sent / publish_s, 1),
-            )
             try:
-                await asyncio.wait_for(fault_task, args.timeout)
-                tl.mark("faults_done")
-            except TimeoutError:
-                tl.mark("faults_incomplete", detail="progress stalled before every fault fired")
+                extra = ids.worker_env()
+                if args.retry_delays:
+                    extra["FORGE_WORKER_RETRY_DELAYS"] = args.retry_delays
+                if args.prefetch:
+                    extra["FORGE_WORKER_PREFETCH"] = str(args.prefetch)
+                env = worker_env(
+                    amqp_url=amqp_proxy.url(AMQP_URL),
+                    database_url=pg_proxy.url(dsn),
+                    queue=queue,
+                    extra=extra,
+                )
+                # migrations straight to the database, then the audit trigger on customer
+                rc = await run_command(
+                    {**env, "FORGE_WORKER_DATABASE_URL": dsn}, logs / "migrate.log", "migrate"
+                )
+                if rc != 0:
+                    raise SystemExit(f"migrate failed ({rc}); see {logs / 'migrate.log'}")
+                await install_write_audit(dsn)
 
-            # quiescence: every request answered, or (bounded) nothing left anywhere
-            all_ids = [r.correlation_id for r in requests]
-            try:
-                await collector.wait_for(all_ids, within=args.timeout)
-                tl.mark("all_answered")
-            except AssertionError as exc:
-                tl.mark("not_all_answered", detail=str(exc))
-            t_done = time.monotonic()
-            dead = await _dead_lettered(conn, topology.dead_letter_name(queue))
-            counts = await db_counts(dsn)
-            problems = collector.check(requests)
-            answered = collector.answered & set(all_ids)
-            lost_ids = set(all_ids) - answered - dead
-            repeats = sum(len(collector.bodies[i]) - 1 for i in answered)
-            result = {
-                "run": run_id,
-                "seed": args.seed,
-                "config": {
-                    "n": args.n,
-                    "kills": args.kills,
-                    "broker_cut": args.broker_cut,
-                    "db_outage_s": args.db_outage,
-                    "workers": args.workers,
-                    "retry_delays": args.retry_delays,
-                    "prefetch": args.prefetch,
-                },
-                "sent": sent,
-                "answered": len(answered),
-                "rows": counts.customers,
-                "ledger_rows": counts.ledger,
-                "customer_writes": counts.writes,
-                "duplicate_effects": counts.duplicate_effects,
-                "repeated_receipts": repeats,
-                "receipt_mismatch": len(problems),
-                "dead_lettered": len(dead),
-                "lost": len(lost_ids),
-                "worker_starts": sum(w.starts for w in workers),
-                "proxy": {
-                    "amqp_connections": amqp_proxy.stats.connections,
-                    "amqp_cut": amqp_proxy.stats.cut,
-                    "pg_connections": pg_proxy.stats.connections,
-                    "pg_refused": pg_proxy.stats.refused,
-                    "pg_cut": pg_proxy.stats.cut,
-                },
-                "timings_s": {
-                    "sign": round(build_s, 2),
-                    "publish": round(publish_s, 2),
-                    "publish_to_all_answered": round(t_done - t_pub, 2),
-                    "total": tl.now(),
-                },
-                "throughput_per_s": round(len(answered) / max(t_done - t_pub, 1e-9), 1),
-                "problems_sample": problems[:10],
-                "lost_sample": sorted(lost_ids)[:10],
-                "events": tl.events,
-                "logs": str(logs),
-            }
-            await collector.stop()
+                collector = ReceiptCollector()
+                await collector.start(await conn.channel(), reply_queue)
+                workers = [
+                    Supervisor(WorkerProcess(env, logs / f"worker-{i}.log"), i, tl)
+                    for i in range(args.workers)
+                ]
+                for w in workers:
+                    await w.start()
+                await poll_until(
+                    lambda: _consumers_at_least(conn, queue, args.workers),
+                    within=60,
+                    what=f"{args.workers} consumers on {queue}",
+                )
+                tl.mark("workers_ready", workers=args.workers)
+
+                faults = _schedule(rng, args)
+                tl.mark("faults_planned", plan=[(f, round(at, 3)) for at, f in faults])
+                pub_ch = await conn.channel(publisher_confirms=True)
+                t_pub = time.monotonic()
+                publisher = asyncio.create_task(
+                    _publish(pub_ch, queue, reply_queue, requests, args.rate)
+                )
+                fault_task = asyncio.create_task(
+                    _inject(conn, faults, args, collector, workers, amqp_proxy, pg_proxy, rng, tl)
+                )
+                sent = await publisher
+                publish_s = time.monotonic() - t_pub
+                tl.mark(
+                    "published",
+                    sent=sent,
+                    seconds=round(publish_s, 2),
+                    per_second=round(sent / publish_s, 1),
+                )
+                try:
+                    await asyncio.wait_for(fault_task, args.timeout)
+                    tl.mark("faults_done")
+                except TimeoutError:
+                    tl.mark("faults_incomplete", detail="progress stalled before every fault fired")
+
+                # quiescence: every request answered, or (bounded) nothing left anywhere
+                all_ids = [r.correlation_id for r in requests]
+                try:
+                    await collector.wait_for(all_ids, within=args.timeout)
+                    tl.mark("all_answered")
+                except AssertionError as exc:
+                    tl.mark("not_all_answered", detail=str(exc))
+                t_done = time.monotonic()
+                dead = await _dead_lettered(conn, topology.dead_letter_name(queue))
+                counts = await db_counts(dsn)
+                problems = collector.check(requests)
+                answered = collector.answered & set(all_ids)
+                lost_ids = set(all_ids) - answered - dead
+                repeats = sum(len(collector.bodies[i]) - 1 for i in answered)
+                result = {
+                    "run": run_id,
+                    "seed": args.seed,
+                    "config": {
+                        "n": args.n,
+                        "kills": args.kills,
+                        "broker_cut": args.broker_cut,
+                        "db_outage_s": args.db_outage,
+                        "workers": args.workers,
+                        "retry_delays": args.retry_delays,
+                        "prefetch": args.prefetch,
+                    },
+                    "sent": sent,
+                    "answered": len(answered),
+                    "rows": counts.customers,
+                    "ledger_rows": counts.ledger,
+                    "customer_writes": counts.writes,
+                    "duplicate_effects": counts.duplicate_effects,
+                    "repeated_receipts": repeats,
+                    "receipt_mismatch": len(problems),
+                    "dead_lettered": len(dead),
+                    "lost": len(lost_ids),
+                    "worker_starts": sum(w.worker.starts for w in workers),
+                    "unplanned_worker_exits": [c for w in workers for c in w.unplanned],
+                    "proxy": {
+                        "amqp_connections": amqp_proxy.stats.connections,
+                        "amqp_cut": amqp_proxy.stats.cut,
+                        "pg_connections": pg_proxy.stats.connections,
+                        "pg_refused": pg_proxy.stats.refused,
+                        "pg_cut": pg_proxy.stats.cut,
+                    },
+                    "timings_s": {
+                        "sign": round(build_s, 2),
+                        "publish": round(publish_s, 2),
+                        "publish_to_all_answered": round(t_done - t_pub, 2),
+                        "total": tl.now(),
+                    },
+                    "throughput_per_s": round(len(answered) / max(t_done - t_pub, 1e-9), 1),
+                    "problems_sample": problems[:10],
+                    "lost_sample": sorted(lost_ids)[:10],
+                    "events": tl.events,
+                    "logs": str(logs),
+                }
+                await collector.stop()
+            finally:
+                # workers first: they must not outlive the proxies they talk through
+                for w in workers:
+                    await w.stop()
     finally:
-        for w in workers:
-            await w.stop(within=10)
-            w.close()
         if not args.keep:
             delays = (
                 tuple(int(d) for d in args.retry_delays.split(","))
@@ -377,31 +433,31 @@ async def _inject(
     plan: list[tuple[float, str]],
     args: argparse.Namespace,
     collector: ReceiptCollector,
-    workers: list[WorkerProcess],
+    workers: list[Supervisor],
     amqp_proxy: Proxy,
     pg_proxy: Proxy,
     rng: random.Random,
     tl: Timeline,
 ) -> None:
     outage: asyncio.Task[None] | None = None
-    queue = workers[0].env["FORGE_WORKER_QUEUE"]
+    queue = workers[0].worker.env["FORGE_WORKER_QUEUE"]
     for fraction, fault in plan:
         target = int(fraction * args.n)
         await collector.wait_count(target)
         # each fault lands on a steady state: every worker up and consuming (a restarted
         # worker needs a moment to connect), so a cut or a kill always hits live work
-        await poll_until(
-            lambda: _consumers_at_least(conn, queue, len(workers)),
-            within=60,
-            what="every worker consuming",
-        )
+        try:
+            await poll_until(
+                lambda: _consumers_at_least(conn, queue, len(workers)),
+                within=60,
+                what="every worker consuming",
+            )
+        except AssertionError as exc:  # inject anyway; the report shows it
+            tl.mark("no_steady_state", detail=str(exc))
         if fault == "kill":
-            w = rng.choice([w for w in workers if w.running] or workers)
-            i = workers.index(w)
+            w = rng.choice([w for w in workers if w.worker.running] or workers)
+            tl.mark("kill", worker=w.index, answered=len(collector.bodies))
             await w.kill()
-            tl.mark("kill", worker=i, answered=len(collector.bodies))
-            await w.start()
-            tl.mark("restart", worker=i)
         elif fault == "broker_cut":
             cut = amqp_proxy.cut()
             tl.mark("broker_cut", connections=cut, answered=len(collector.bodies))
