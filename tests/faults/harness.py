@@ -470,6 +470,21 @@ class WorkerProcess:
             self._log.close()
             self._log = None
 
+    def events(self, name: str) -> int:
+        """How many JSON log lines of this worker (all its runs) have ``event == name``."""
+        count = 0
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            if f'"{name}"' not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("event") == name:
+                    count += 1
+        return count
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -630,6 +645,10 @@ class FaultRig:
 
     async def counts(self) -> DbCounts:
         return await db_counts(self.database_url)
+
+    def events(self, name: str) -> int:
+        """Log events ``name`` over every worker of the rig."""
+        return sum(w.events(name) for w in self.workers)
 
     def logs(self) -> str:
         return "\n".join(f"--- {w.log_path.name}\n{w.log_tail()}" for w in self.workers)

@@ -56,3 +56,25 @@ async def test_database_outage_waits_in_retry_queues_then_succeeds(rig: FaultRig
     assert counts.duplicate_effects == 0, counts
     depths = await rig.depths()
     assert sum(depths.values()) == 0, depths
+
+
+async def test_database_connections_cut_mid_transaction_repeat_no_effect(rig: FaultRig) -> None:
+    await rig.start_worker()
+    requests = rig.requests(500)
+    ids = [r.correlation_id for r in requests]
+    await rig.publish(requests)
+
+    # reset every database connection three times while batches are in flight: a cut can
+    # land before, during or after a COMMIT, so the worker cannot know whether it happened
+    for at in (50, 150, 250):
+        await rig.collector.wait_count(at)
+        rig.pg_proxy.cut()
+    assert len(rig.collector.answered) < len(requests), "the stream ended before the cuts"
+    await rig.collector.wait_for(ids, within=60)
+
+    assert rig.pg_proxy.stats.cut > 0
+    assert rig.events("request_retried") > 0, "no cut hit a transaction"
+    assert rig.collector.check(requests) == []
+    assert await rig.dead_letters() == 0
+    counts = await rig.counts()
+    assert counts.customers == counts.ledger == counts.writes == len(requests), counts
