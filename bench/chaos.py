@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -358,6 +359,7 @@ async def run(args: argparse.Namespace) -> int:
                         "total": tl.now(),
                     },
                     "throughput_per_s": round(len(answered) / max(t_done - t_pub, 1e-9), 1),
+                    "longest_receipt_gap": _longest_gap(collector, tl),
                     "problems_sample": problems[:10],
                     "lost_sample": sorted(lost_ids)[:10],
                     "events": tl.events,
@@ -440,6 +442,7 @@ async def _inject(
     tl: Timeline,
 ) -> None:
     outage: asyncio.Task[None] | None = None
+    watches: list[asyncio.Task[None]] = []
     queue = workers[0].worker.env["FORGE_WORKER_QUEUE"]
     for fraction, fault in plan:
         target = int(fraction * args.n)
@@ -458,13 +461,49 @@ async def _inject(
             w = rng.choice([w for w in workers if w.worker.running] or workers)
             tl.mark("kill", worker=w.index, answered=len(collector.bodies))
             await w.kill()
+            watches.append(
+                asyncio.create_task(_consumers_back(conn, queue, len(workers), tl, fault))
+            )
         elif fault == "broker_cut":
             cut = amqp_proxy.cut()
             tl.mark("broker_cut", connections=cut, answered=len(collector.bodies))
+            watches.append(
+                asyncio.create_task(
+                    _consumers_back(conn, queue, len(workers), tl, fault, amqp_proxy, cut=cut)
+                )
+            )
         elif fault == "db_outage":
             outage = asyncio.create_task(_db_outage(pg_proxy, args.db_outage, collector, tl))
     if outage is not None:
         await outage
+    for watch in watches:
+        await watch
+
+
+async def _consumers_back(
+    conn: aio_pika.abc.AbstractConnection,
+    queue: str,
+    n: int,
+    tl: Timeline,
+    fault: str,
+    proxy: Proxy | None = None,
+    *,
+    cut: int = 0,
+) -> None:
+    """Mark how long after ``fault`` every worker was consuming again."""
+    t0 = time.monotonic()
+    try:
+        if proxy is not None and cut:
+            # the broker drops a cut connection's consumer only once it notices: first see
+            # every cut worker connect again, then count consumers
+            want = proxy.stats.connections + cut
+            await proxy.wait_for(lambda st: st.connections >= want, within=120)
+        await poll_until(
+            lambda: _consumers_at_least(conn, queue, n), within=120, what="consumers back"
+        )
+        tl.mark("consumers_back", after=fault, seconds=round(time.monotonic() - t0, 2))
+    except (AssertionError, TimeoutError) as exc:
+        tl.mark("consumers_not_back", after=fault, detail=str(exc))
 
 
 async def _db_outage(
@@ -503,6 +542,15 @@ async def _cleanup(
         await admin.close()
 
 
+def _longest_gap(collector: ReceiptCollector, tl: Timeline) -> dict[str, float]:
+    """The longest time with no new request answered, and when it started (run clock)."""
+    times = sorted(collector.first_seen.values())
+    if len(times) < 2:
+        return {"seconds": 0.0, "from": 0.0}
+    gap, start = max((b - a, a) for a, b in itertools.pairwise(times))
+    return {"seconds": round(gap, 2), "from": round(start - tl.t0, 2)}
+
+
 def _report(r: dict[str, Any]) -> None:
     if not r:
         return
@@ -523,6 +571,8 @@ def _report(r: dict[str, Any]) -> None:
     for k, v in r["timings_s"].items():
         print(f"  time {k:<27}{v:>10} s")
     print(f"  {'throughput':<32}{r['throughput_per_s']:>10} /s")
+    gap = r["longest_receipt_gap"]
+    print(f"  {'longest gap in answers':<32}{gap['seconds']:>10} s (from {gap['from']} s)")
 
 
 def main(argv: list[str] | None = None) -> int:

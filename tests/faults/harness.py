@@ -186,6 +186,8 @@ class ReceiptCollector:
     """Consumes a reply queue and keeps every body received, by correlation id."""
 
     bodies: dict[str, list[bytes]] = field(default_factory=dict)
+    #: monotonic time each request was first answered
+    first_seen: dict[str, float] = field(default_factory=dict)
     uncorrelated: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _queue: aio_pika.abc.AbstractQueue | None = None
@@ -221,6 +223,7 @@ class ReceiptCollector:
             self.uncorrelated += 1
         else:
             self.bodies.setdefault(message.correlation_id, []).append(message.body)
+            self.first_seen.setdefault(message.correlation_id, time.monotonic())
         self._changed.set()
 
     async def wait_for(self, ids: Iterable[str], *, within: float) -> None:
