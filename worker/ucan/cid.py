@@ -87,15 +87,17 @@ def uvarint(n: int) -> bytes:
 class CID:
     """A content identifier; ``raw`` is its binary form (CIDv1, or a 34-byte CIDv0)."""
 
-    __slots__ = ("_hash", "raw")
+    __slots__ = ("_hash", "_text", "raw")
 
     raw: bytes
     _hash: int
+    _text: str | None
 
     def __init__(self, raw: bytes) -> None:
         """Wrap binary CID bytes; use :meth:`from_bytes` to check them."""
         object.__setattr__(self, "raw", bytes(raw))
         object.__setattr__(self, "_hash", hash(self.raw))
+        object.__setattr__(self, "_text", None)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("CID is immutable")
@@ -153,9 +155,16 @@ class CID:
         return cls.from_bytes(raw)
 
     def __str__(self) -> str:
-        if len(self.raw) == 34 and self.raw[0] == 0x12:
-            return b58encode(self.raw)
-        return "b" + base64.b32encode(self.raw).decode().lower().rstrip("=")
+        # Computed once per CID: the worker names the same task and invocation CIDs several
+        # times per message (ledger keys, logs), and base32 is pure Python (about 4 µs).
+        text = self._text
+        if text is None:
+            if len(self.raw) == 34 and self.raw[0] == 0x12:
+                text = b58encode(self.raw)
+            else:
+                text = "b" + base64.b32encode(self.raw).decode().lower().rstrip("=")
+            object.__setattr__(self, "_text", text)
+        return text
 
     def __repr__(self) -> str:
         return f"CID({str(self)!r})"
