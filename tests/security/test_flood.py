@@ -1,0 +1,263 @@
+"""The worker under a flood of hostile messages mixed with valid ones (real RabbitMQ and
+Postgres): every message ends answered, skipped (nothing for this service) or dead-lettered
+with a reason; nothing is acked without an outcome; the worker keeps serving; bodies over
+the size limit are refused before they are decoded."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import tracemalloc
+import uuid
+from collections import Counter
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from tests.security.helpers import customer_did, dlg, inv
+from worker import topology
+from worker.app import App
+from worker.ucan import DecodeError, Signer, decode_request, encode_container
+
+pytestmark = pytest.mark.integration
+
+#: seconds the whole flood may take to settle
+SETTLE_WITHIN = 60.0
+
+
+class Collector:
+    """Consumes queues into lists and wakes waiters when a total is reached."""
+
+    def __init__(self) -> None:
+        self.got: dict[str, list[AbstractIncomingMessage]] = {}
+        self._changed = asyncio.Event()
+
+    async def consume(self, channel: aio_pika.abc.AbstractChannel, name: str) -> None:
+        q = await channel.declare_queue(name, passive=True)
+        self.got[name] = []
+
+        async def on(msg: AbstractIncomingMessage) -> None:
+            await msg.ack()
+            self.got[name].append(msg)
+            self._changed.set()
+
+        await q.consume(on)
+
+    async def until(self, counts: dict[str, int], within: float) -> None:
+        async with asyncio.timeout(within):
+            while any(len(self.got[q]) < n for q, n in counts.items()):
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def depth(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
+    q = await channel.declare_queue(name, passive=True)
+    return int(q.declaration_result.message_count or 0)
+
+
+Sent = list[tuple[str, bytes, dict[str, Any]]]
+
+
+def hostile_mix(
+    service: Signer, hilt: Signer, mallory: Signer, root: bytes, forged: bytes, limit: int
+) -> tuple[Sent, list[str]]:
+    """About 270 messages, shuffled: (expected end, body, message properties), and the
+    customers of the valid ones."""
+    rng = random.Random(8)
+    exp = int(time.time()) + 600
+    # (kind, body, properties); kind decides the expected end
+    sent: Sent = []
+    valid_customers: list[str] = []
+
+    def valid() -> bytes:
+        c = customer_did()
+        valid_customers.append(c)
+        return encode_container([inv(hilt, service.did, [root], customer=c, exp=exp), root])
+
+    for _ in range(60):
+        sent.append(("answered", valid(), {}))
+    for _ in range(10):
+        sent.append(("answered", valid(), {"content_type": "text/plain; charset=latin-1"}))
+    for _ in range(10):  # no reply_to, message_id, correlation_id: to the receipt queue
+        sent.append(("receipt-queue", valid(), {"bare": True}))
+    for i in range(10):  # large and hostile headers, including the worker's own
+        headers = {
+            "x-pad": "h" * 60_000,
+            topology.H_ATTEMPT: 999 if i % 2 else "not a number",
+            topology.H_FIRST_ARRIVAL: -1,
+            "x-death": [{"count": 10**9}],
+        }
+        sent.append(("answered", valid(), {"headers": headers}))
+    for _ in range(40):
+        n = rng.randrange(0, 2000)
+        body = bytes(rng.randrange(256) for _ in range(n))
+        try:
+            decode_request(body)
+        except DecodeError:
+            sent.append(("dead", body, {}))
+    for _ in range(40):
+        body = valid()
+        valid_customers.pop()
+        sent.append(("dead", body[: rng.randrange(1, len(body) - 1)], {}))
+    for i in range(40):  # decodable but not authorized: signed error receipts
+        if i % 2:
+            body = encode_container([inv(mallory, service.did, [forged], exp=exp), forged])
+        else:
+            body = encode_container(
+                [inv(hilt, service.did, [root], exp=int(time.time()) - 600), root]
+            )
+        sent.append(("refused", body, {}))
+    for _ in range(5):
+        sent.append(("dead", b"", {}))
+    for _ in range(5):  # one byte over the limit
+        sent.append(("dead", b"\xa1" + b"\x40" * limit, {}))
+    for _ in range(5):  # addressed to someone else: skipped, acked with no answer
+        other = inv(hilt, service.did, [root], aud="did:web:elsewhere.example", exp=exp)
+        sent.append(("skipped", encode_container([other, root]), {}))
+    # an expired invocation claiming, in the worker's own headers, an early first arrival
+    late = encode_container([inv(hilt, service.did, [root], exp=int(time.time()) - 600), root])
+    headers = {topology.H_ATTEMPT: 1, topology.H_FIRST_ARRIVAL: int(time.time()) - 3600}
+    sent.append(("refused", late, {"headers": headers}))
+    rng.shuffle(sent)
+    return sent, valid_customers
+
+
+async def test_a_flood_of_hostile_messages(
+    worker: App, amqp: AbstractRobustConnection, database_url: str, queue_name: str
+) -> None:
+    assert worker.key is not None and worker.consumer is not None
+    service = worker.key.signer
+    hilt, mallory = Signer.generate(), Signer.generate()
+    root = dlg(service, hilt, sub=service.did)
+    forged = dlg(mallory, mallory, sub=service.did)
+    exp = int(time.time()) + 600
+    limit = worker.settings.max_message_size
+
+    ch = await amqp.channel()
+    replies = await ch.declare_queue(exclusive=True, auto_delete=True)
+    collector = Collector()
+    dlq = topology.dead_letter_name(queue_name)
+    await collector.consume(ch, replies.name)
+    await collector.consume(ch, worker.settings.receipt_queue)
+    await collector.consume(ch, dlq)
+
+    sent, valid_customers = hostile_mix(service, hilt, mallory, root, forged, limit)
+
+    expected = Counter(kind for kind, _, _ in sent)
+    pub = await amqp.channel()  # publisher confirms: every message is in the inbox
+    publishes = []
+    for i, (_kind, body, props) in enumerate(sent):
+        bare = props.pop("bare", False)
+        msg = aio_pika.Message(
+            body,
+            reply_to=None if bare else replies.name,
+            correlation_id=None if bare else f"m{i}",
+            message_id=None if bare else uuid.uuid4().hex,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            **props,
+        )
+        publishes.append(pub.default_exchange.publish(msg, queue_name))
+    await asyncio.gather(*publishes)
+
+    answered = expected["answered"] + expected["refused"]
+    await collector.until(
+        {
+            replies.name: answered,
+            worker.settings.receipt_queue: expected["receipt-queue"],
+            dlq: expected["dead"],
+        },
+        SETTLE_WITHIN,
+    )
+    await worker.consumer.wait_for("skipped", expected["skipped"])
+    assert worker.consumer.idle.is_set() or await _idle(worker)
+
+    # nothing left anywhere, nothing extra, nothing retried
+    assert await depth(ch, queue_name) == 0
+    for name in topology.retry_names(queue_name, worker.settings.retry_delays):
+        assert await depth(ch, name) == 0
+    assert len(collector.got[replies.name]) == answered
+    assert len(collector.got[worker.settings.receipt_queue]) == expected["receipt-queue"]
+    assert len(collector.got[dlq]) == expected["dead"]
+    outcomes = worker.consumer.outcomes
+    assert outcomes["retried"] == 0
+    assert outcomes["dead_lettered"] == expected["dead"]
+    assert outcomes["skipped"] == expected["skipped"]
+    assert outcomes["dead_lettered"] + len(collector.got[replies.name]) + len(
+        collector.got[worker.settings.receipt_queue]
+    ) + outcomes["skipped"] == len(sent)
+
+    # every dead letter says why; every answer is one receipt, refusals are errors
+    for dead in collector.got[dlq]:
+        assert (dead.headers or {}).get(topology.H_REASON) == "undecodable"
+        assert (dead.headers or {}).get(topology.H_ERROR)
+    kinds = {f"m{i}": kind for i, (kind, _, _) in enumerate(sent)}
+    names: Counter[str] = Counter()
+    for reply in collector.got[replies.name]:
+        (rcpt,) = decode_request(reply.body).receipts
+        kind = kinds[str(reply.correlation_id)]
+        names[rcpt.error["name"] if rcpt.error else "ok"] += 1
+        assert (rcpt.error is None) == (kind == "answered"), (kind, rcpt.error)
+    assert names == {
+        "ok": expected["answered"],
+        "InvalidAudience": 20,
+        "Expired": expected["refused"] - 20,
+    }
+
+    # the valid ones, and only they, were written
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT customer FROM public.customer")
+    finally:
+        await conn.close()
+    assert sorted(r["customer"] for r in rows) == sorted(valid_customers)
+    # and it still serves: a fresh request is answered
+    await worker.consumer.wait_for("ok", expected["answered"] + expected["receipt-queue"])
+    fresh = encode_container([inv(hilt, service.did, [root], exp=exp), root])
+    await pub.default_exchange.publish(
+        aio_pika.Message(fresh, reply_to=replies.name, correlation_id="fresh"), queue_name
+    )
+    await collector.until({replies.name: answered + 1}, 15)
+    assert collector.got[replies.name][-1].correlation_id == "fresh"
+    await ch.close()
+    await pub.close()
+
+
+async def _idle(worker: App) -> bool:
+    assert worker.consumer is not None
+    async with asyncio.timeout(10):
+        await worker.consumer.idle.wait()
+    return True
+
+
+async def test_bodies_just_over_the_limit_are_refused_before_decoding(
+    worker: App, amqp: AbstractRobustConnection, queue_name: str
+) -> None:
+    """A body one byte over the limit that would be costly to decode (a container of
+    a million empty tokens: ~100 MB of objects and a reason per token) costs its own size."""
+    assert worker.consumer is not None
+    limit = worker.settings.max_message_size
+    body = b"\xa1\x66ctn-v1\x9a" + (limit).to_bytes(4, "big") + b"\x40" * (limit - 12)
+    assert len(body) == limit + 1
+    ch = await amqp.channel()
+    collector = Collector()
+    dlq = topology.dead_letter_name(queue_name)
+    await collector.consume(ch, dlq)
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        for n in range(1, 4):
+            await ch.default_exchange.publish(aio_pika.Message(body), queue_name)
+            await collector.until({dlq: n}, 15)
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * limit, f"peak {peak} bytes"
+    assert elapsed < 10
+    for dead in collector.got[dlq]:
+        assert "exceeds the limit" in str((dead.headers or {}).get(topology.H_ERROR))
+    await ch.close()
