@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -149,3 +150,14 @@ async def test_wait_for_times_out(proxy: Proxy) -> None:
 def test_only_loopback_targets() -> None:
     with pytest.raises(ValueError, match="loopback only"):
         Proxy(5672, "10.0.0.1")
+
+
+async def test_an_unreachable_target_resets_the_client() -> None:
+    with socket.socket() as sock:  # a port with nothing listening on it
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    async with Proxy(dead_port) as proxy:
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await _roundtrip(proxy.port, b"anyone?")
+        await proxy.wait_for(lambda s: s.failed == 1, within=5)
+        assert proxy.stats.connections == 0
