@@ -332,6 +332,9 @@ class Consumer:
             job.error = None
         except (ValidationError, CommandError) as exc:
             job.error = (exc.name, exc.message)
+        except Exception as exc:  # a bug hit by this input: refuse it, never its neighbours
+            self.log.exception("validation_crashed", invocation=job.cid, error=_describe(exc))
+            job.error = ("UnknownError", "cannot validate this invocation: internal error")
 
     # --- the transaction -------------------------------------------------------------------
 
