@@ -19,8 +19,14 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from tests.security.helpers import customer_did, dlg, inv
-from worker import topology
+from worker import store, topology
 from worker.app import App
+from worker.broker import Broker
+from worker.commands import customer_add
+from worker.config import Settings
+from worker.consumer import Consumer
+from worker.log import get_logger
+from worker.metrics import Metrics
 from worker.ucan import DecodeError, Signer, decode_request, encode_container
 
 pytestmark = pytest.mark.integration
@@ -261,3 +267,62 @@ async def test_bodies_just_over_the_limit_are_refused_before_decoding(
     for dead in collector.got[dlq]:
         assert "exceeds the limit" in str((dead.headers or {}).get(topology.H_ERROR))
     await ch.close()
+
+
+async def test_a_message_that_breaks_validation_fails_alone(
+    worker_settings: Settings,
+    service: Signer,
+    amqp: AbstractRobustConnection,
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug hit by one invocation (here: the command's checks raise) must not fail the
+    batch: its neighbours are answered at once, and it gets an error receipt."""
+    poison = customer_did()
+    real_prepare = customer_add.prepare
+
+    def prepare(inv: Any, service_did: str) -> Any:
+        if inv.args.get("customer") == poison:
+            raise RuntimeError("a bug on this input")
+        return real_prepare(inv, service_did)
+
+    monkeypatch.setattr(customer_add, "prepare", prepare)
+    pool = await store.create_pool(worker_settings.database_url)
+    async with pool.acquire() as conn:
+        await store.migrate(conn)
+    broker = await Broker.connect(worker_settings)
+    try:
+        await broker.declare_topology()
+        consumer = Consumer(
+            worker_settings, broker, pool, service, Metrics(), get_logger(test="poison")
+        )
+        ch = await amqp.channel()
+        replies = await ch.declare_queue(exclusive=True, auto_delete=True)
+        collector = Collector()
+        await collector.consume(ch, replies.name)
+        customers = [customer_did(), poison, customer_did()]
+        for i, c in enumerate(customers):
+            body = inv(service, service.did, customer=c, exp=int(time.time()) + 300)
+            msg = aio_pika.Message(body, reply_to=replies.name, correlation_id=str(i))
+            await ch.default_exchange.publish(msg, queue_name)
+        assert broker.inbox is not None
+        for _ in customers:  # one batch of three, deterministically
+            got = await broker.inbox.get(no_ack=False, fail=True, timeout=5)
+            assert got is not None
+            await consumer.on_message(got)
+        batch = [consumer._queue.get_nowait() for _ in customers]
+        await consumer.process(batch)
+        await collector.until({replies.name: 3}, 15)
+        outcome = {}
+        for reply in collector.got[replies.name]:
+            (rcpt,) = decode_request(reply.body).receipts
+            outcome[reply.correlation_id] = rcpt.error["name"] if rcpt.error else "ok"
+        assert outcome == {"0": "ok", "1": "UnknownError", "2": "ok"}
+        assert consumer.outcomes["retried"] == 0
+        async with pool.acquire() as conn:
+            rows = await conn.fetch("SELECT customer FROM public.customer")
+        assert sorted(r["customer"] for r in rows) == sorted([customers[0], customers[2]])
+        await ch.close()
+    finally:
+        await broker.close()
+        await pool.close()
