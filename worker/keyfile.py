@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +42,28 @@ def _create_dev_key(path: Path) -> Signer:
     return signer
 
 
+def _warn_if_exposed(path: Path, log: FilteringBoundLogger) -> None:
+    """Warn when group or others may read (or write) the key file: one leak from public."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "service_key_file_exposed",
+            path=str(path),
+            mode=f"{mode:04o}",
+            note="group or others can access the service key: chmod 600 it",
+        )
+
+
 def load_service_key(settings: Settings, log: FilteringBoundLogger) -> ServiceKey:
     """The service signer from the settings, acting as ``settings.service_did`` if given.
 
     Order: ``FORGE_WORKER_SERVICE_KEY``; else ``FORGE_WORKER_SERVICE_KEY_FILE``; else
     ``.forge-worker/service.key``, created (mode 0600) when absent, with a warning that
-    it is a development identity. The key itself is never logged.
+    it is a development identity. A key file that group or others can access draws a
+    warning. The key itself is never logged.
 
     Raises:
         ConfigError: a key is malformed or its file unreadable.
@@ -78,6 +95,7 @@ def load_service_key(settings: Settings, log: FilteringBoundLogger) -> ServiceKe
                 raise ConfigError(f"{var}: cannot read {path}: {type(exc).__name__}") from None
             source = "file" if settings.service_key_file is not None else "development"
             key = ServiceKey(_parse(text, f"{var} ({path})"), source, path)
+            _warn_if_exposed(path, log)
             if source == "development":
                 log.warning(
                     "development_key_loaded",
