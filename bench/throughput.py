@@ -202,6 +202,7 @@ class WorkerRun:
     amqp_url: str
     entry: str = "worker.cli"
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    restarts: int = 0
 
     def argv(self, *args: str) -> list[str]:
         """The worker's command line: ``python -m worker.cli`` or ``python SCRIPT.py``."""
@@ -235,10 +236,10 @@ class WorkerRun:
         if out.returncode != 0:
             raise RuntimeError(f"forge-worker migrate failed: {out.stderr.decode()[-2000:]}")
 
-    def start(self, extra: Sequence[str] = ()) -> None:
+    def start(self, extra: Sequence[str] = (), count: int | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs = [p for p in self.procs if p.poll() is None]
-        for i in range(self.processes):
+        for i in range(self.processes if count is None else count):
             log = (self.log_dir / f"worker-{self.queue}-{i}.log").open("ab")
             self.procs.append(
                 subprocess.Popen(
@@ -258,12 +259,21 @@ class WorkerRun:
                 out.extend(c.process_tree(p.pid))
         return out
 
-    def check_alive(self) -> None:
-        for p in self.procs:
-            if p.poll() is not None:
-                raise RuntimeError(
-                    f"forge-worker exited with {p.returncode}; see {self.log_dir}/worker-*.log"
-                )
+    def check_alive(self, restart_unreachable: bool = False) -> None:
+        """Raise if a worker process exited; before it consumed, one that could not reach
+        a service (exit code 3, e.g. a connect timeout on a busy machine) is restarted."""
+        for i, p in enumerate(self.procs):
+            if p.poll() is None:
+                continue
+            if restart_unreachable and p.returncode == 3 and self.restarts < 3:
+                self.restarts += 1
+                print("worker exited with 3 (unreachable) at start; restarting", flush=True)
+                self.procs.pop(i)
+                self.start(count=1)
+                return
+            raise RuntimeError(
+                f"forge-worker exited with {p.returncode}; see {self.log_dir}/worker-*.log"
+            )
 
     def hwm_mb(self) -> list[float]:
         """Peak RSS of each worker process (the tree's processes, each on its own)."""
@@ -327,7 +337,7 @@ async def drain(
         progress = (0, t_start)
         while receipts < n:
             await asyncio.sleep(0.02)
-            run.check_alive()
+            run.check_alive(restart_unreachable=not first)
             now = time.perf_counter()
             if now - progress[1] > 30:
                 ready, _ = await c.queue_counts(poll, run.queue)
@@ -645,7 +655,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             lat_n = int(rate * (args.latency_seconds + args.warmup))
             lat_bodies = generate(ids, f"{rid[:4]}l", lat_n, pool)
             one.start()
-            await wait_consumers(url, one.queue, 1)
+            await wait_consumers(one)
             await asyncio.sleep(1)
             lt = await latency(url, one.queue, one.reply, lat_bodies, rate, args.warmup)
             del lat_bodies
@@ -734,13 +744,15 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return pick
 
 
-async def wait_consumers(url: str, queue: str, n: int, within: float = 60) -> None:
-    """Wait until ``queue`` has ``n`` consumers (the workers are up)."""
-    conn = await aio_pika.connect(url)
+async def wait_consumers(run: WorkerRun, within: float = 60) -> None:
+    """Wait until the run's inbox has a consumer per worker process (the workers are up)."""
+    queue, n = run.queue, run.processes
+    conn = await aio_pika.connect(run.amqp_url)
     try:
         ch = await conn.channel()
         deadline = time.monotonic() + within
         while (await c.queue_counts(ch, queue))[1] < n:
+            run.check_alive(restart_unreachable=True)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{queue} did not get {n} consumers in {within}s")
             await asyncio.sleep(0.05)
