@@ -454,6 +454,7 @@ class Consumer:
     async def _answer(self, batch: list[Item], now: float) -> None:
         iat = int(now)
         sends: list[tuple[Item, Outgoing]] = []
+        receipt_queue = self.settings.receipt_queue
         for item in batch:
             if item.failure is not None or not item.jobs:
                 continue
@@ -468,7 +469,7 @@ class Consumer:
                 (
                     item,
                     Outgoing(
-                        routing_key=msg.reply_to or self.settings.receipt_queue,
+                        routing_key=topology.response_queue(msg.reply_to, receipt_queue),
                         body=body,
                         correlation_id=msg.correlation_id or msg.message_id,
                         content_type=topology.CONTENT_TYPE,

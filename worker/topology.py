@@ -39,6 +39,20 @@ H_REPLAY_COUNT: Final = "forge-replay-count"
 H_REPLAYED_AT: Final = "forge-replayed-at"
 
 
+#: the broker's reserved namespace: no client queue is named so, and a forged direct
+#: reply-to name (``amq.rabbitmq.reply-to.<garbage>``) as a routing key makes RabbitMQ close
+#: the publisher's whole connection (INTERNAL_ERROR)
+RESERVED_PREFIX: Final = "amq."
+
+
+def response_queue(reply_to: str | None, receipt_queue: str) -> str:
+    """Where the response to a request goes: its ``reply_to``, unless that is absent or in
+    the broker's reserved ``amq.`` namespace (then the receipt queue, like no ``reply_to``)."""
+    if not reply_to or reply_to.startswith(RESERVED_PREFIX):
+        return receipt_queue
+    return reply_to
+
+
 def dead_letter_name(queue: str) -> str:
     """The dead-letter queue of ``queue``."""
     return f"{queue}.dlq"
