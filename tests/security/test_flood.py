@@ -326,3 +326,39 @@ async def test_a_message_that_breaks_validation_fails_alone(
     finally:
         await broker.close()
         await pool.close()
+
+
+#: a direct reply-to name RabbitMQ never issued: as a routing key it makes the broker close
+#: the publisher's whole connection (INTERNAL_ERROR), consuming and publishing channels alike
+FORGED_DIRECT_REPLY = "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxMTExMTExMQAAAAAAAAAB.bm90aGluZw=="
+
+
+async def test_a_forged_reserved_reply_to_cannot_take_the_worker_down(
+    worker: App, amqp: AbstractRobustConnection, queue_name: str
+) -> None:
+    assert worker.key is not None and worker.consumer is not None
+    service = worker.key.signer
+    hilt = Signer.generate()
+    root = dlg(service, hilt, sub=service.did)
+    ch = await amqp.channel()
+    replies = await ch.declare_queue(exclusive=True, auto_delete=True)
+    collector = Collector()
+    dlq = topology.dead_letter_name(queue_name)
+    for name in (replies.name, worker.settings.receipt_queue, dlq):
+        await collector.consume(ch, name)
+    exp = int(time.time()) + 300
+    hostile = {5: FORGED_DIRECT_REPLY, 6: "amq.rabbitmq.reply-to.x", 7: "amq.direct"}
+    for i in range(30):
+        body = encode_container([inv(hilt, service.did, [root], exp=exp), root])
+        if i == 8:
+            body = b"\xa1garbage"  # undecodable, with a forged reply_to: dead-lettered
+        reply_to = FORGED_DIRECT_REPLY if i == 8 else hostile.get(i, replies.name)
+        msg = aio_pika.Message(body, reply_to=reply_to, correlation_id=str(i))
+        await ch.default_exchange.publish(msg, queue_name)
+    # 26 answered as asked, 3 answered to the receipt queue instead, 1 dead-lettered
+    await collector.until({replies.name: 26, worker.settings.receipt_queue: 3, dlq: 1}, 20)
+    answered = {str(m.correlation_id) for m in collector.got[worker.settings.receipt_queue]}
+    assert answered == {"5", "6", "7"}
+    assert worker.consumer.outcomes["retried"] == 0
+    assert worker.broker is not None and worker.broker.connected
+    await ch.close()
