@@ -149,6 +149,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TCK
 
 
+def busy_cores(seconds: float = 2.0) -> float:
+    """Cores the whole machine kept busy over the next ``seconds`` (blocking)."""
+    b0, t0 = machine_busy_seconds()
+    time.sleep(seconds)
+    b1, t1 = machine_busy_seconds()
+    return (b1 - b0) / (t1 - t0) * (os.cpu_count() or 1) if t1 > t0 else 0.0
+
+
 def machine_busy_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine from /proc/stat."""
     parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -184,6 +192,8 @@ class CpuMeter:
         dt = total - self._m0[1]
         ncpu = os.cpu_count() or 1
         out["machine"] = round((busy - self._m0[0]) / dt * ncpu, 2) if dt > 0 else 0.0
+        # what the rest of the machine (other people's processes) took meanwhile
+        out["other"] = round(max(0.0, out["machine"] - sum(out[g] for g in self.groups)), 2)
         return out
 
 

@@ -573,6 +573,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     versions = await c.server_versions()
     print(f"machine: {c.machine_line(info, versions)}", flush=True)
     la = c.loadavg()
+    if args.wait_quiet > 0:
+        deadline = time.monotonic() + args.wait_quiet
+        while (busy := c.busy_cores(3.0)) > 0.3 and time.monotonic() < deadline:
+            print(f"waiting for a quiet machine ({busy:.2f} cores busy)", flush=True)
+        la = c.loadavg()
     if la[0] > 0.7:
         print(f"warning: load average {la[0]} — the machine is not quiet", flush=True)
 
@@ -852,6 +857,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--worker-entry",
         default="worker.cli",
         help="module (python -m) or script (.py) taking 'run'/'migrate'; for instrumented runs",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to this long for the machine to idle (< 0.3 cores busy)",
     )
     p.add_argument("--skip-worker", action="store_true", help="measure only the ceiling")
     p.add_argument("--out", type=Path, default=c.RESULTS / "throughput.json")
