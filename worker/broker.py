@@ -177,10 +177,10 @@ class Broker:
         ch = self._consume_channel
         if self._consumer_tag is None or ch is None or ch.is_closed or not self.connected:
             return False
-        try:
-            underlay = ch.channel  # type: ignore[attr-defined]
-        except Exception:
-            return False
+        # the live aiormq channel (aio-pika's public ``.channel`` is deprecated and warns);
+        # after a server-side cancel our tag is gone from it until the robust channel
+        # has re-subscribed
+        underlay = getattr(getattr(ch, "_channel", None), "channel", None)
         return self._consumer_tag in getattr(underlay, "consumers", {})
 
     async def publish(self, out: Outgoing, *, confirm_within: float = PUBLISH_TIMEOUT) -> None:

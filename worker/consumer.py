@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -204,6 +205,29 @@ class Consumer:
         #: settles when nothing is buffered or being processed
         self.idle = asyncio.Event()
         self.idle.set()
+        #: outcome -> how many so far (the ``messages`` metric's labels), for waiting on
+        self.outcomes: Counter[str] = Counter()
+        self._watchers: list[tuple[str, int, asyncio.Future[None]]] = []
+
+    def _count(self, outcome: str) -> None:
+        self.metrics.messages.labels(outcome).inc()
+        self.outcomes[outcome] += 1
+        for name, n, fut in self._watchers:
+            if name == outcome and self.outcomes[name] >= n and not fut.done():
+                fut.set_result(None)
+
+    async def wait_for(self, outcome: str, n: int = 1) -> None:
+        """Wait until ``n`` messages or invocations in total had ``outcome`` (``ok``,
+        ``retried``, ``dead_lettered``, ``skipped``, ``duplicate`` or an error name)."""
+        if self.outcomes[outcome] >= n:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        watcher = (outcome, n, fut)
+        self._watchers.append(watcher)
+        try:
+            await fut
+        finally:
+            self._watchers.remove(watcher)
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -249,16 +273,25 @@ class Consumer:
             await asyncio.gather(*self._batches, return_exceptions=True)
         return drained
 
+    async def next_batch(self) -> list[Item]:
+        """Wait for one delivery, then take whatever else has arrived (up to ``max_batch``):
+        a lone message never waits for company."""
+        batch = [await self._queue.get()]
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return batch
+
     async def _loop(self) -> None:
         while True:
-            first = await self._queue.get()
             await self._slots.acquire()
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
+            try:
+                batch = await self.next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
             task = asyncio.create_task(self._run_batch(batch))
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
@@ -513,7 +546,7 @@ class Consumer:
                 )
                 await self._nack(item)
             else:
-                self.metrics.messages.labels(outcome).inc()
+                self._count(outcome)
                 self.log.warning(
                     "request_" + outcome,
                     message_id=item.msg.message_id,
@@ -555,7 +588,7 @@ class Consumer:
         if item.failure is not None:
             return
         if not item.jobs:
-            self.metrics.messages.labels("skipped").inc()
+            self._count("skipped")
             self.log.info(
                 "request_skipped",
                 message_id=item.msg.message_id,
@@ -566,7 +599,7 @@ class Consumer:
             return
         for job in item.jobs:
             outcome = "duplicate" if job.duplicate else (job.error[0] if job.error else "ok")
-            self.metrics.messages.labels(outcome).inc()
+            self._count(outcome)
             if job.duplicate:
                 self.metrics.duplicates.inc()
             self.log.info(

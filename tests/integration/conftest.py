@@ -24,7 +24,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -32,6 +31,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from worker.app import App, running
+from worker.broker import queue_declarations
 from worker.config import Secret, Settings
 from worker.ucan import (
     CID,
@@ -61,18 +61,59 @@ def agent() -> Signer:
     return Signer.generate()
 
 
+class QueueCleanup:
+    """Deletes, after the test, every queue a worker on the tracked settings declares
+    (the shared ``amqp`` fixture knows only the default retry tiers)."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def track(self, settings: Settings) -> Settings:
+        self.names.update(name for name, _ in queue_declarations(settings))
+        return settings
+
+
 @pytest.fixture
-def worker_settings(amqp_url: str, database_url: str, queue_name: str, service: Signer) -> Settings:
-    return Settings(
-        amqp_url=amqp_url,
-        database_url=database_url,
-        service_key=Secret(service.export()),
-        queue=queue_name,
-        receipt_queue=f"{queue_name}.receipts",
-        http_port=0,
-        log_format="json",
-        retry_delays=(1, 2),
-        shutdown_timeout=10,
+async def queue_cleanup(amqp_url: str) -> AsyncIterator[QueueCleanup]:
+    cleanup = QueueCleanup()
+    yield cleanup
+    conn = await aio_pika.connect(amqp_url)
+    try:
+        for name in sorted(cleanup.names):
+            ch = await conn.channel()
+            try:
+                await ch.queue_delete(name)
+            except Exception:  # never declared, or gone already
+                pass
+            finally:
+                if not ch.is_closed:
+                    await ch.close()
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def worker_settings(
+    amqp_url: str,
+    database_url: str,
+    queue_name: str,
+    service: Signer,
+    queue_cleanup: QueueCleanup,
+) -> Settings:
+    """Settings of this test's worker (its queues are deleted after the test); for other
+    settings use ``queue_cleanup.track(dataclasses.replace(worker_settings, ...))``."""
+    return queue_cleanup.track(
+        Settings(
+            amqp_url=amqp_url,
+            database_url=database_url,
+            service_key=Secret(service.export()),
+            queue=queue_name,
+            receipt_queue=f"{queue_name}.receipts",
+            http_port=0,
+            log_format="json",
+            retry_delays=(1, 2),
+            shutdown_timeout=10,
+        )
     )
 
 
@@ -93,12 +134,6 @@ def task_of(raw: bytes) -> CID:
     tok = decode_token(raw)
     assert isinstance(tok, Invocation)
     return tok.task_cid
-
-
-@dataclass
-class Identities:
-    service: Signer
-    agent: Signer
 
 
 def delegation(
@@ -228,11 +263,13 @@ class Requester:
         """Messages already received on ``queue`` and not taken with :meth:`next`."""
         return self._queues[queue].qsize() if queue in self._queues else 0
 
-    async def call(self, body: bytes, **kw: Any) -> tuple[AbstractIncomingMessage, list[Receipt]]:
+    async def call(
+        self, body: bytes, *, within: float = REPLY_TIMEOUT, **kw: Any
+    ) -> tuple[AbstractIncomingMessage, list[Receipt]]:
         """Publish with a fresh ``reply_to`` and return the response and its receipts."""
         reply_to = await self.reply_queue()
         await self.publish(body, reply_to=reply_to, **kw)
-        msg = await self.next(reply_to)
+        msg = await self.next(reply_to, within)
         return msg, receipts_of(msg.body)
 
 

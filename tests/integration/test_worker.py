@@ -19,7 +19,7 @@ from tests.integration.conftest import (
 )
 from worker import topology
 from worker.app import App
-from worker.ucan import Signer
+from worker.ucan import Signer, encode
 
 pytestmark = pytest.mark.integration
 
@@ -131,3 +131,98 @@ async def test_expired_invocation_gets_an_error_receipt_not_stored(
     assert receipts[0].error is not None and receipts[0].error["name"] == "Expired"
     assert await count(database_url, "SELECT count(*) FROM forge_worker.receipts") == 0
     assert await count(database_url, "SELECT count(*) FROM public.customer") == 0
+
+
+def tampered(token: bytes) -> bytes:
+    """``token`` with one bit of its signature flipped (envelope ``82 58 40 <sig>``)."""
+    assert token[:3] == b"\x82\x58\x40"
+    return token[:3] + bytes([token[3] ^ 1]) + token[4:]
+
+
+async def error_of(requester: Requester, body: bytes) -> tuple[str, str]:
+    _, receipts = await requester.call(body)
+    assert len(receipts) == 1
+    err = receipts[0].error
+    assert err is not None, "expected an error receipt"
+    return err["name"], err["message"]
+
+
+async def test_error_classes_get_signed_error_receipts_and_change_nothing(
+    worker: App, requester: Requester, service: Signer, agent: Signer, database_url: str
+) -> None:
+    dlg = delegation(service, agent)
+    other_policy = delegation(service, agent, pol=[["==", ".product", "did:web:other.example"]])
+    cases = {
+        "InvalidSignature": container(tampered(invocation(agent, service.did, proofs=[dlg])), dlg),
+        "UnavailableProof": invocation(agent, service.did, proofs=[dlg]),  # proof not sent
+        "MatchError": container(
+            invocation(agent, service.did, proofs=[other_policy]), other_policy
+        ),
+        "HandlerNotFound": invocation(service, service.did, cmd="/customer/remove"),
+        "MalformedArguments": invocation(
+            service, service.did, args_raw=encode({"customer": 5, "product": "did:web:p"})
+        ),
+        "InvalidCustomerSubject": invocation(agent, service.did, sub=agent.did),
+        "Expired": invocation(service, service.did, exp=int(time.time()) - 600),
+    }
+    for expected, body in cases.items():
+        name, message = await error_of(requester, body)
+        assert name == expected, (expected, name, message)
+        assert message
+    assert await count(database_url, "SELECT count(*) FROM public.customer") == 0
+    assert await count(database_url, "SELECT count(*) FROM forge_worker.receipts") == 0
+
+
+async def test_several_invocations_in_one_container_each_get_a_receipt(
+    worker: App, requester: Requester, service: Signer, agent: Signer, database_url: str
+) -> None:
+    dlg = delegation(service, agent)
+    good = [invocation(agent, service.did, proofs=[dlg]) for _ in range(2)]
+    expired = invocation(agent, service.did, proofs=[dlg], exp=int(time.time()) - 600)
+    _, receipts = await requester.call(container(*good, expired, dlg))
+    by_task = {r.ran: r for r in receipts}
+    assert set(by_task) == {task_of(t) for t in (*good, expired)}
+    assert all(by_task[task_of(t)].ok == {} for t in good)
+    err = by_task[task_of(expired)].error
+    assert err is not None and err["name"] == "Expired"
+    assert await count(database_url, "SELECT count(*) FROM public.customer") == 2
+
+
+async def test_invocations_for_another_audience_are_skipped(
+    worker: App, requester: Requester, service: Signer
+) -> None:
+    assert worker.consumer is not None
+    reply_to = await requester.reply_queue()
+    elsewhere = invocation(service, service.did, aud="did:web:someone-else.example")
+    await requester.publish(elsewhere, reply_to=reply_to)
+    await worker.consumer.wait_for("skipped")
+    assert requester.pending(reply_to) == 0  # acked with no response
+    # in a container with one for this service: only that one is answered
+    mine = invocation(service, service.did)
+    _, receipts = await requester.call(container(elsewhere, mine))
+    assert [r.ran for r in receipts] == [task_of(mine)]
+
+
+async def test_upsert_replaces_product_and_details_and_keeps_the_rest(
+    worker: App, requester: Requester, service: Signer, database_url: str
+) -> None:
+    customer = "did:plc:upsert00000000000000000001"
+    first = invocation(
+        service, service.did, customer=customer, product="did:web:p1", external_account="stripe:1"
+    )
+    await requester.call(first)
+    before = await customer_row(database_url, customer)
+    second = invocation(service, service.did, customer=customer, product="did:web:p2", details={})
+    _, receipts = await requester.call(second)
+    assert receipts[0].ok == {}
+    after = await customer_row(database_url, customer)
+    assert before is not None and after is not None
+    assert after["product"] == "did:web:p2"
+    assert after["details"] is None  # an empty map is stored as NULL
+    assert after["external_account"] == "stripe:1"  # kept when absent
+    assert after["inserted_at"] == before["inserted_at"]
+    assert after["updated_at"] > before["updated_at"]
+    third = invocation(service, service.did, customer=customer, external_account="stripe:2")
+    await requester.call(third)
+    last = await customer_row(database_url, customer)
+    assert last is not None and last["external_account"] == "stripe:2"  # replaced when given
