@@ -165,14 +165,18 @@ async def test_the_worker_never_logs_the_key(
     assert_no_key(repr(logs), key)
 
 
-async def _read_until(stream: asyncio.StreamReader, needle: bytes, out: list[bytes]) -> None:
-    while True:
+async def _read_until(
+    stream: asyncio.StreamReader, wanted: dict[bytes, int], out: list[bytes]
+) -> None:
+    """Read lines into ``out`` until each event in ``wanted`` was seen as often as asked."""
+    seen = dict.fromkeys(wanted, 0)
+    while any(seen[e] < n for e, n in wanted.items()):
         line = await stream.readline()
         if not line:
-            raise AssertionError(f"worker exited before {needle!r}: {b''.join(out)[-2000:]!r}")
+            raise AssertionError(f"worker exited early: {b''.join(out)[-2000:]!r}")
         out.append(line)
-        if needle in line:
-            return
+        for event in wanted:
+            seen[event] += event in line
 
 
 @pytest.mark.integration
@@ -203,11 +207,10 @@ async def test_forge_worker_run_logs_no_key_and_warns_about_an_exposed_file(
     lines: list[bytes] = []
     try:
         async with asyncio.timeout(30):
-            await _read_until(proc.stderr, b'"worker_started"', lines)
+            await _read_until(proc.stderr, {b'"worker_started"': 1}, lines)
             await _send(amqp, worker_settings.queue, traffic(signer))
-            await _read_until(proc.stderr, b'"request_dead_lettered"', lines)
-            for _ in range(3):
-                await _read_until(proc.stderr, b'"invocation_answered"', lines)
+            events = {b'"request_dead_lettered"': 1, b'"invocation_answered"': 3}
+            await _read_until(proc.stderr, events, lines)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
