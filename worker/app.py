@@ -163,15 +163,27 @@ async def running(settings: Settings, *, key: ServiceKey | None = None) -> Async
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then drain and exit 0."""
     loop = asyncio.get_running_loop()
-    async with running(settings) as app:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, app.request_stop)
-        try:
+    started: list[App] = []
+    signalled = asyncio.Event()
+
+    def on_signal() -> None:
+        signalled.set()
+        for app in started:
+            app.request_stop()
+
+    # installed before start-up, so a signal during start-up stops the worker once started
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        async with running(settings) as app:
+            started.append(app)
+            if signalled.is_set():
+                app.request_stop()
             await app.stop_requested.wait()
             logs.get_logger().info("worker_stopping", reason="signal")
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
     return 0
 
 

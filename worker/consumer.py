@@ -257,6 +257,7 @@ class Consumer:
         Returns True when everything in flight was settled in time.
         """
         await self.broker.stop_consuming()
+        self.log.info("consumer_cancelled", in_flight=self._acks.unsettled())
         drained = True
         try:
             async with asyncio.timeout(drain_within):

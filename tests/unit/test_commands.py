@@ -1,0 +1,77 @@
+"""The command registry and ``/customer/add``'s argument checks and upsert merging."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from worker.commands import CommandError, customer_add, lookup
+from worker.commands.customer_add import AddArguments, details_json, merge, parse_arguments
+
+GOOD: dict[str, Any] = {
+    "customer": "did:plc:abc",
+    "product": "did:web:hilt.fil-forge.com",
+    "details": {"external_id": "x", "region": "eu"},
+}
+
+
+def test_registry_maps_the_command_to_its_module() -> None:
+    assert lookup("/customer/add") is customer_add
+    assert lookup("/customer/remove") is None
+
+
+def test_good_arguments_parse_and_unknown_keys_are_ignored() -> None:
+    args = parse_arguments({**GOOD, "externalAccount": "stripe:cus_1", "future": 1})
+    assert args == AddArguments(
+        "did:plc:abc", "did:web:hilt.fil-forge.com", GOOD["details"], "stripe:cus_1"
+    )
+    assert parse_arguments({**GOOD, "externalAccount": None}).external_account is None
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "expected a map"),
+        ({k: v for k, v in GOOD.items() if k != "customer"}, "customer: missing"),
+        ({**GOOD, "customer": None}, "customer: expected text"),
+        ({**GOOD, "customer": "alice"}, "customer: expected a DID"),
+        ({**GOOD, "product": "did:web"}, "product: expected a DID"),
+        ({k: v for k, v in GOOD.items() if k != "details"}, "details: missing"),
+        ({**GOOD, "details": None}, "details: expected a map"),
+        ({**GOOD, "details": {"a": 1}}, "details: expected text to text"),
+        ({**GOOD, "details": {"a": "b\x00"}}, "NUL"),
+        ({**GOOD, "externalAccount": 5}, "externalAccount: expected text"),
+    ],
+)
+def test_malformed_arguments_name_the_field(args: object, fragment: str) -> None:
+    with pytest.raises(CommandError) as err:
+        parse_arguments(args)
+    assert err.value.name == "MalformedArguments"
+    assert err.value.message.startswith("malformed arguments: ")
+    assert fragment in err.value.message
+
+
+def test_the_subject_must_be_the_service() -> None:
+    inv: Any = SimpleNamespace(sub="did:key:zOther", args=GOOD)
+    with pytest.raises(CommandError) as err:
+        customer_add.prepare(inv, "did:web:upload.example")
+    assert err.value.name == "InvalidCustomerSubject"
+    ok: Any = SimpleNamespace(sub="did:web:upload.example", args=GOOD)
+    assert customer_add.prepare(ok, "did:web:upload.example").customer == "did:plc:abc"
+
+
+def test_merge_equals_applying_in_message_order() -> None:
+    a = AddArguments("did:plc:b", "did:web:p1", {"k": "1"}, "acct-1")
+    b = AddArguments("did:plc:b", "did:web:p2", {}, None)
+    c = AddArguments("did:plc:a", "did:web:p3", {}, "acct-3")
+    d = AddArguments("did:plc:b", "did:web:p4", {"k": "4"}, "acct-4")
+    assert merge([a, b, c]) == [c, AddArguments("did:plc:b", "did:web:p2", {}, "acct-1")]
+    assert merge([a, b, d])[-1] == d  # a later externalAccount replaces
+    assert [r.customer for r in merge([a, c])] == ["did:plc:a", "did:plc:b"]  # sorted
+
+
+def test_details_are_a_json_object_or_null() -> None:
+    assert details_json({}) is None
+    assert details_json({"region": "eu", "a": "b"}) == '{"a": "b", "region": "eu"}'

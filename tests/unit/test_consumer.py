@@ -1,0 +1,59 @@
+"""The consumer's pure parts: contiguous acks, the attempt header, failure classes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import asyncpg
+import pytest
+
+from worker import topology
+from worker.consumer import AckTracker, _attempt, is_transient_db_error
+
+
+def test_acks_cover_only_tags_with_nothing_unsettled_below() -> None:
+    t = AckTracker()
+    ch = object()
+    for tag in range(1, 7):
+        t.received(ch, tag)
+    assert t.done(ch, [4, 5]) is None  # 1-3 are still being processed
+    assert t.done(ch, [1, 2]) == 2  # ack 1..2; 3 still open
+    assert t.done(ch, [3]) == 5  # 3 closes the gap: ack up to 5 at once
+    assert t.unsettled() == 1
+    t.forget(ch, 6)  # nacked
+    assert t.unsettled() == 0
+
+
+def test_acks_are_per_channel_and_a_lost_channel_is_forgotten() -> None:
+    t = AckTracker()
+    old, new = object(), object()
+    t.received(old, 1)
+    t.received(new, 1)
+    t.received(new, 2)
+    assert t.done(new, [2]) is None
+    t.drop_channel(old)
+    assert t.done(new, [1]) == 2
+    assert t.unsettled() == 0
+
+
+def msg(headers: dict[str, Any] | None) -> Any:
+    return SimpleNamespace(headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, 0), (2, 2), ("3", 3), (-4, 0), (99, 5), ("x", 0), (1.5, 0), ([1], 0)],
+)
+def test_attempt_header_is_clamped(value: object, expected: int) -> None:
+    headers = None if value is None else {topology.H_ATTEMPT: value}
+    assert _attempt(msg(headers), 5) == expected
+
+
+def test_failure_classes_of_database_errors() -> None:
+    assert is_transient_db_error(ConnectionRefusedError())
+    assert is_transient_db_error(TimeoutError())
+    assert is_transient_db_error(asyncpg.exceptions.AdminShutdownError())
+    assert is_transient_db_error(asyncpg.exceptions.DeadlockDetectedError())
+    assert not is_transient_db_error(asyncpg.exceptions.CheckViolationError())
+    assert not is_transient_db_error(ValueError())

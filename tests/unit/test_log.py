@@ -1,0 +1,41 @@
+"""Log set-up: one JSON object per line with bound context; secrets masked."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from worker import log
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+def test_json_lines_with_bound_context_and_masked_secrets(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    log.configure("json")
+    structlog.contextvars.bind_contextvars(invocation="bafyinv")
+    log.get_logger(component="test").info("invocation_answered", outcome="ok", key="s3cr3t")
+    [line] = capsys.readouterr().err.splitlines()
+    event = json.loads(line)
+    assert event["event"] == "invocation_answered"
+    assert event["invocation"] == "bafyinv" and event["component"] == "test"
+    assert event["outcome"] == "ok" and event["level"] == "info" and "timestamp" in event
+    assert event["key"] == "***" and "s3cr3t" not in line
+
+
+def test_console_format_is_not_json(capsys: pytest.CaptureFixture[str]) -> None:
+    log.configure("console")
+    log.get_logger().warning("something_happened", n=1)
+    out = capsys.readouterr().err
+    assert "something_happened" in out
+    with pytest.raises(ValueError):
+        json.loads(out)
