@@ -538,3 +538,21 @@ async def test_a_replayed_task_is_answered_from_the_ledger_not_executed(
     late = inv(hilt, service.did, [root], exp=int(time.time()) + 60)
     _, receipts = await requester.call(encode_container([late, root]))
     assert receipts[0].error is not None and receipts[0].error["name"] == "Expired"
+
+
+def test_policy_evaluation_is_bounded(service: Signer, hilt: Signer) -> None:
+    from worker.ucan.policy import MAX_POLICY_STEPS
+
+    # quadratic: every statement walks the whole list (unbounded, 9 s; a 1 MiB message: hours)
+    pol = [["all", ".l", ["==", ".", 1]]] * 1000
+    start = time.perf_counter()
+    assert with_policy(service, hilt, pol, {"l": [1] * 10_000}) == "MatchError"
+    assert time.perf_counter() - start < 1.0
+    # the same shape within the budget still holds
+    assert with_policy(service, hilt, pol[:10], {"l": [1] * 1000}) is None
+    # a realistic policy over a large details map is far from the bound
+    details = {f"k{i}": f"v{i}" for i in range(1000)}
+    real = [["like", ".customer", "did:plc:*"], ["all", ".details", ["like", ".", "v*"]]]
+    args = {"customer": "did:plc:x", "product": "did:web:p", "details": details}
+    assert with_policy(service, hilt, real, args) is None
+    assert MAX_POLICY_STEPS > 2 * 1000 + 10
