@@ -339,6 +339,10 @@ class Consumer:
         except Exception as exc:  # a decoder bug must not lose the message: dead-letter it
             item.fail("permanent", "undecodable", f"{type(exc).__name__}: {exc}")
             return
+        if not item.request.invocations and item.request.dropped:
+            # tokens were there but none could be read: undecodable, not "nothing for us"
+            item.fail("permanent", "undecodable", "; ".join(item.request.dropped)[:500])
+            return
         for inv in item.request.invocations:
             if (inv.aud or inv.sub) == self.service_did:
                 item.jobs.append(Job(inv))
@@ -373,7 +377,15 @@ class Consumer:
     # --- the transaction -------------------------------------------------------------------
 
     async def _store(self, batch: list[Item], now: float) -> None:
-        live = [i for i in batch if i.failure is None and i.jobs]
+        # only requests the database can change: a valid invocation (execute, or answer from
+        # the ledger) or a time-bound failure (re-check as of the first arrival); the rest
+        # are answered even while the database is away
+        live = [
+            i
+            for i in batch
+            if i.failure is None
+            and any(j.error is None or j.error[0] in _TIME_ERRORS for j in i.jobs)
+        ]
         arrivals = self._arrivals_to_record(live, now)
         if not live and not arrivals:
             return

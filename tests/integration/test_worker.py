@@ -226,3 +226,34 @@ async def test_upsert_replaces_product_and_details_and_keeps_the_rest(
     await requester.call(third)
     last = await customer_row(database_url, customer)
     assert last is not None and last["external_account"] == "stripe:2"  # replaced when given
+
+
+async def test_a_container_whose_tokens_are_all_unreadable_is_dead_lettered(
+    worker: App, requester: Requester, queue_name: str
+) -> None:
+    dlq = topology.dead_letter_name(queue_name)
+    await requester.listen(dlq)
+    body = container(b"\x82\x00garbage", b"\x01\x02")
+    await requester.publish(body)
+    dead = await requester.next(dlq)
+    assert dead.body == body
+    headers = dead.headers or {}
+    assert headers[topology.H_REASON] == "undecodable"
+    assert "token 0" in str(headers[topology.H_ERROR])
+
+
+async def test_invalid_invocations_are_answered_while_the_database_is_away(
+    worker: App, requester: Requester, service: Signer, agent: Signer, database_url: str
+) -> None:
+    assert worker.consumer is not None
+    conn = await asyncpg.connect(database_url)
+    await conn.execute("ALTER SCHEMA forge_worker RENAME TO forge_worker_away")
+    try:
+        name, _ = await error_of(requester, invocation(service, service.did, cmd="/nope"))
+        assert name == "HandlerNotFound"
+        name, _ = await error_of(requester, tampered(invocation(service, service.did)))
+        assert name == "InvalidSignature"
+    finally:
+        await conn.execute("ALTER SCHEMA forge_worker_away RENAME TO forge_worker")
+        await conn.close()
+    assert worker.consumer.outcomes["retried"] == 0

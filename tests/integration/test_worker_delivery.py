@@ -16,6 +16,9 @@ from aio_pika.abc import AbstractRobustConnection
 from tests.integration.conftest import (
     QueueCleanup,
     Requester,
+    cid_of,
+    container,
+    delegation,
     invocation,
     receipts_of,
     task_of,
@@ -27,7 +30,7 @@ from worker.config import Settings
 from worker.consumer import Consumer
 from worker.log import get_logger
 from worker.metrics import Metrics
-from worker.ucan import Signer
+from worker.ucan import Resolver, Signer, verify_signature
 
 pytestmark = pytest.mark.integration
 
@@ -239,3 +242,43 @@ async def test_health_facts(worker: App) -> None:
     assert await worker.health.ready()
     worker.request_stop()
     assert not worker.health.consumer_registered()  # a stopping worker is not ready
+
+
+async def test_a_redelivered_message_records_its_first_arrival(
+    worker_settings: Settings, requester: Requester, service: Signer, database_url: str
+) -> None:
+    async with manual_consumer(worker_settings, service) as consumer:
+        assert consumer.broker.inbox is not None
+        body = invocation(service, service.did)
+        await requester.publish(body)
+        first = await consumer.broker.inbox.get(no_ack=False, fail=True, timeout=5)
+        assert first is not None and not first.redelivered
+        await first.nack(requeue=True)  # as if a worker had died holding it
+        await take(consumer, 1)
+        batch = await consumer.next_batch()
+        assert batch[0].msg.redelivered
+        await consumer.process(batch)
+        rows = await fetch(database_url, "SELECT invocation_cid FROM forge_worker.arrivals")
+        assert [r["invocation_cid"] for r in rows] == [str(cid_of(body))]
+        assert consumer.outcomes["ok"] == 1
+
+
+async def test_a_did_web_service_signs_with_its_key_and_accepts_its_delegations(
+    worker_settings: Settings,
+    queue_cleanup: QueueCleanup,
+    requester: Requester,
+    service: Signer,
+    agent: Signer,
+    amqp: AbstractRobustConnection,
+) -> None:
+    web = service.with_did("did:web:upload.example")
+    settings = dataclasses.replace(worker_settings, service_did=web.did)
+    async with running(settings) as app:
+        assert app.service_did == "did:web:upload.example"
+        dlg = delegation(web, agent)
+        _, receipts = await requester.call(container(invocation(agent, web.did, proofs=[dlg]), dlg))
+        [receipt] = receipts
+        assert receipt.ok == {}, receipt.error
+        assert receipt.iss == "did:web:upload.example"
+        # the receipt verifies with the service key published for did:web
+        verify_signature(receipt, Resolver({web.did: [service.public_key]}))
