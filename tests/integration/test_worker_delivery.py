@@ -282,3 +282,28 @@ async def test_a_did_web_service_signs_with_its_key_and_accepts_its_delegations(
         assert receipt.iss == "did:web:upload.example"
         # the receipt verifies with the service key published for did:web
         verify_signature(receipt, Resolver({web.did: [service.public_key]}))
+
+
+async def test_a_returned_response_is_retried_and_then_sent_with_the_stored_bytes(
+    worker: App,
+    requester: Requester,
+    service: Signer,
+    database_url: str,
+    queue_cleanup: QueueCleanup,
+) -> None:
+    assert worker.consumer is not None
+    reply_to = f"{worker.settings.queue}.late-reply"
+    queue_cleanup.names.add(reply_to)
+    body = invocation(service, service.did)
+    await requester.publish(body, reply_to=reply_to)  # no such queue: the broker returns it
+    await worker.consumer.wait_for("retried")
+    [stored] = await fetch(database_url, "SELECT receipt FROM forge_worker.receipts")
+
+    ch = await requester.conn.channel()
+    await ch.declare_queue(reply_to, durable=True, arguments={"x-queue-type": "quorum"})
+    await ch.close()
+    msg = await requester.next(reply_to)
+    [receipt] = receipts_of(msg.body)
+    assert receipt.raw == bytes(stored["receipt"])  # executed once, answered from the ledger
+    assert receipt.ran == task_of(body)
+    assert worker.consumer.outcomes["duplicate"] == 1
