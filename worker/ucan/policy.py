@@ -254,8 +254,9 @@ def _is_int(v: Any) -> bool:
 #: what evaluating one invocation's policies may cost: a step per statement evaluated plus
 #: one per item of a selected list or map (and per KiB of selected text). ucantone has no
 #: bound; without one, a 15 KB policy over a 10 KB list took 9 s (it is quadratic).
-#: Past it the policy does not hold (MatchError). Real policies cost a few dozen steps.
-MAX_POLICY_STEPS: Final = 100_000
+#: Past it the policy does not hold (MatchError). Real policies cost a few dozen steps;
+#: 10,000 is about 10 ms, so a message of ~3,000 small invocations stays within tens of s.
+MAX_POLICY_STEPS: Final = 10_000
 
 
 class _OverBudget(Exception):
