@@ -549,7 +549,7 @@ def test_policy_evaluation_is_bounded(service: Signer, hilt: Signer) -> None:
     assert with_policy(service, hilt, pol, {"l": [1] * 10_000}) == "MatchError"
     assert time.perf_counter() - start < 1.0
     # the same shape within the budget still holds
-    assert with_policy(service, hilt, pol[:10], {"l": [1] * 1000}) is None
+    assert with_policy(service, hilt, pol[:3], {"l": [1] * 1000}) is None
     # a realistic policy over a large details map is far from the bound
     details = {f"k{i}": f"v{i}" for i in range(1000)}
     real = [["like", ".customer", "did:plc:*"], ["all", ".details", ["like", ".", "v*"]]]
