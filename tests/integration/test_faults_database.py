@@ -58,15 +58,32 @@ async def test_database_outage_waits_in_retry_queues_then_succeeds(rig: FaultRig
     assert sum(depths.values()) == 0, depths
 
 
-async def test_database_connections_cut_mid_transaction_repeat_no_effect(rig: FaultRig) -> None:
+async def test_database_connections_cut_mid_transaction_repeat_no_effect(
+    amqp_url: str, database_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    async with FaultRig(
+        amqp_url=amqp_url,
+        database_url=database_url,
+        queue=queue_name,
+        log_dir=tmp_path,
+        # short tiers: a message hit by two cuts waits 1 s + 2 s, not 1 s + 5 s
+        env={"FORGE_WORKER_RETRY_DELAYS": "1,2,4"},
+    ) as rig:
+        await _cut_mid_transaction(rig)
+
+
+async def _cut_mid_transaction(rig: FaultRig) -> None:
     await rig.start_worker()
-    requests = rig.requests(500)
+    requests = rig.requests(300)
     ids = [r.correlation_id for r in requests]
+    # 20 ms each way makes a batch transaction last a few round trips, so there is always
+    # one in flight when the cuts land (an idle pool would just reconnect unnoticed)
+    rig.pg_proxy.delay(0.02)
     await rig.publish(requests)
 
     # reset every database connection three times while batches are in flight: a cut can
     # land before, during or after a COMMIT, so the worker cannot know whether it happened
-    for at in (50, 150, 250):
+    for at in (30, 100, 170):
         await rig.collector.wait_count(at)
         rig.pg_proxy.cut()
     assert len(rig.collector.answered) < len(requests), "the stream ended before the cuts"
