@@ -27,6 +27,10 @@ INVOCATION_TAGS: Final = frozenset((INVOCATION_TAG, "ucan/inv@1.0.0"))
 DELEGATION_TAGS: Final = frozenset((DELEGATION_TAG, "ucan/dlg@1.0.0"))
 #: the command of a receipt
 RECEIPT_COMMAND: Final = "/ucan/assert/receipt"
+#: longest DID and command accepted (real ones are under 100 characters): without a bound,
+#: a 1 MiB DID was echoed into error receipts and log lines, twice over
+MAX_DID_LENGTH: Final = 2048
+MAX_CMD_LENGTH: Final = 1024
 
 _INT64_MIN: Final = -(1 << 63)
 _INT64_MAX: Final = (1 << 63) - 1
@@ -124,6 +128,8 @@ def _did(p: Mapping[str, Any], key: str, *, required: bool) -> str | None:
         return None
     if type(v) is not str or not v.startswith("did:"):
         raise DecodeError(f"cannot decode token: {key!r} is not a DID")
+    if len(v) > MAX_DID_LENGTH:
+        raise DecodeError(f"cannot decode token: {key!r} is longer than {MAX_DID_LENGTH}")
     return v
 
 
@@ -140,6 +146,8 @@ def _cmd(p: Mapping[str, Any]) -> str:
     v = p.get("cmd")
     if type(v) is not str or not v.startswith("/"):
         raise DecodeError("cannot decode token: 'cmd' must be text starting with '/'")
+    if len(v) > MAX_CMD_LENGTH:
+        raise DecodeError(f"cannot decode token: 'cmd' is longer than {MAX_CMD_LENGTH}")
     return v
 
 
