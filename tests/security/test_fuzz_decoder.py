@@ -416,3 +416,18 @@ def test_invocation_and_delegation_kinds_survive_the_pipeline() -> None:
     # the fixtures themselves: one invocation, one delegation
     assert isinstance(decode_token(INVOCATION), Invocation)
     assert isinstance(decode_token(ROOT), Delegation)
+
+
+@pytest.mark.parametrize("field", ["iss", "aud", "sub", "cmd"])
+def test_huge_dids_and_commands_are_not_echoed(field: str) -> None:
+    # a 500 KB issuer used to come back twice in a signed error receipt and a log line
+    value = ("/" if field == "cmd" else "did:key:z") + "x" * 500_000
+    token = _signed(_inv_fields(**{field: encode_text(value)}))
+    with pytest.raises(DecodeError, match="longer than") as info:
+        decode_token(token)
+    assert len(str(info.value)) < 200
+    req = pipeline(encode_container([token, INVOCATION, ROOT]))
+    assert req is not None and [i.raw for i in req.invocations] == [INVOCATION]
+    assert all(len(reason) < 300 for reason in req.dropped)
+    # a real DID and command are far below the bound
+    assert len(SERVICE.did) < 100 and len("/customer/add") < 100
