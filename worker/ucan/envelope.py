@@ -99,6 +99,10 @@ class Delegation(Token):
 #: and decoding is a pure function of the bytes (treat the values as read-only)
 _DELEGATIONS: Final[dict[bytes, Delegation]] = {}
 _DELEGATIONS_MAX: Final = 1024
+#: only small delegations are kept (Hilt's are a few hundred bytes): decoding happens before
+#: any signature check, and a 540 KB delegation decodes to ~7 MiB of objects, so keeping
+#: 1,024 arbitrary ones let anyone who can publish exhaust memory
+_DELEGATIONS_MAX_BYTES: Final = 4096
 
 
 def task_cid(cmd: str, sub: str, args_raw: bytes, nonce: bytes) -> CID:
@@ -259,9 +263,10 @@ def _delegation(common: _Common, payload: dict[str, Any]) -> Delegation:
         _int(payload, "nbf"),
     )
     raw = common[0]
-    _DELEGATIONS[raw] = dlg
-    if len(_DELEGATIONS) > _DELEGATIONS_MAX:
-        del _DELEGATIONS[next(iter(_DELEGATIONS))]
+    if len(raw) <= _DELEGATIONS_MAX_BYTES:
+        _DELEGATIONS[raw] = dlg
+        if len(_DELEGATIONS) > _DELEGATIONS_MAX:
+            del _DELEGATIONS[next(iter(_DELEGATIONS))]
     return dlg
 
 
