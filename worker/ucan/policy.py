@@ -110,6 +110,8 @@ def equal(a: Any, b: Any) -> bool:
 #: the deepest nesting of alternatives; beyond either the pattern is refused (no match)
 GLOB_MAX_EXPANSIONS: Final = 256
 GLOB_MAX_NESTING: Final = 16
+#: the longest ``like`` pattern compiled (and cached); a longer one matches nothing
+GLOB_MAX_LENGTH: Final = 4096
 _STAR: Final = None
 
 
@@ -243,6 +245,8 @@ def like(pattern: str, text: str) -> bool:
     A malformed pattern (e.g. ``[z-a]``) matches nothing, as a pattern gobwas cannot
     compile fails the statement in ucantone.
     """
+    if len(pattern) > GLOB_MAX_LENGTH:
+        return False
     variants = _glob(pattern)
     return variants is not None and any(_glob_match(g, text) for g in variants)
 
