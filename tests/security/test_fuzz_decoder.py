@@ -431,3 +431,56 @@ def test_huge_dids_and_commands_are_not_echoed(field: str) -> None:
     assert all(len(reason) < 300 for reason in req.dropped)
     # a real DID and command are far below the bound
     assert len(SERVICE.did) < 100 and len("/customer/add") < 100
+
+
+def _dlg_token(nonce: int, *, pol: bytes = b"\x80", meta: bytes | None = None) -> bytes:
+    """A delegation signed by a random key (decoding comes before any signature check)."""
+    fields = {
+        "aud": encode_text(HILT.did),
+        "cmd": encode_text("/customer/add"),
+        "exp": b"\xf6",
+        "iss": encode_text(HILT.did),
+        "pol": pol,
+        "sub": encode_text(SERVICE.did),
+        "nonce": b"\x44" + nonce.to_bytes(4, "big"),
+    }
+    if meta is not None:
+        fields["meta"] = meta
+    return _sign(HILT, "ucan/dlg@1.0.0-rc.1", encode_map_raw(fields))
+
+
+def test_large_unverified_delegations_are_not_retained() -> None:
+    # 240 KB of small meta entries decode to ~3 MiB of objects; none may outlive its message
+    meta = cbor2.dumps({f"k{j:06d}": j for j in range(20_000)})
+    tokens = [_dlg_token(i, meta=meta) for i in range(16)]
+    tracemalloc.start()
+    try:
+        for token in tokens:
+            req = pipeline(encode_container([token]))
+            assert req is not None and len(req.delegations) == 1
+        del req
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert retained < 4 << 20, f"{retained} bytes retained"
+
+
+def test_huge_selectors_are_refused_fast_and_not_retained() -> None:
+    tokens = [
+        _dlg_token(i, pol=cbor2.dumps([["==", ".a" * 250_000 + f".b{i}", 1]])) for i in range(8)
+    ]
+    with bounded(seconds=0.5, peak_bytes=8 << 20):
+        for token in tokens:
+            with pytest.raises(DecodeError, match="longer than") as info:
+                decode_token(token)
+            assert len(str(info.value)) < 200
+
+
+def test_huge_like_patterns_match_nothing_and_are_not_cached() -> None:
+    from worker.ucan.policy import GLOB_MAX_LENGTH, _glob, like
+
+    before = _glob.cache_info().currsize
+    pattern = "*" + "a" * GLOB_MAX_LENGTH
+    assert not like(pattern, "a" * (GLOB_MAX_LENGTH + 1))
+    assert _glob.cache_info().currsize == before
+    assert like(pattern[:-1], "a" * GLOB_MAX_LENGTH)
