@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -144,3 +145,46 @@ async def test_replay_after_expiry_is_valid_as_of_first_arrival(
     assert [r["action"] for r in rows] == ["replay"]
     assert rows[0]["invocation_cids"] == [dead.invocation_cids[0]]
     assert customers == 1
+
+
+async def _http_get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_the_running_worker_serves_metrics_and_readiness(
+    worker_settings: Settings, requester: Requester, service: Signer
+) -> None:
+    with socket.socket() as s:  # a free port for the worker's server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = dataclasses.replace(worker_settings, http_port=port)
+    async with running(settings) as app:
+        assert app.http_port == port
+        _, receipts = await requester.call(invocation(service, service.did))
+        assert [r.ok for r in receipts] == [{}]
+
+        status, body = await _http_get(port, "/readyz")
+        assert status == 200 and json.loads(body)["ready"] is True
+        assert (await _http_get(port, "/healthz"))[0] == 200
+        depth_line = f'forge_worker_queue_depth{{queue="{settings.queue}"}} 0.0'.encode()
+        async with asyncio.timeout(10):
+            while True:  # the poller's first round runs at start-up; no event is exposed
+                status, body = await _http_get(port, "/metrics")
+                if depth_line in body:
+                    break
+                await asyncio.sleep(0.05)
+        assert b'forge_worker_messages_total{outcome="ok"} 1.0' in body
+        assert b"forge_worker_receipts_published_total 1.0" in body
+        # (polled once before the consumer starts, so 0 or 1 until the next round)
+        assert f'forge_worker_queue_consumers{{queue="{settings.queue}"}}'.encode() in body
+        assert b"forge_worker_ready 1.0" in body
+
+        app.request_stop()  # a stopping worker is not ready
+        status, body = await _http_get(port, "/readyz")
+        assert status == 503 and "consumer" in json.loads(body)["failed"]
