@@ -473,8 +473,9 @@ class WorkerProcess:
             self._log.close()
             self._log = None
 
-    def events(self, name: str) -> int:
-        """How many JSON log lines of this worker (all its runs) have ``event == name``."""
+    def events(self, name: str, **fields: object) -> int:
+        """How many JSON log lines of this worker (all its runs) have ``event == name`` and
+        the given ``fields`` (e.g. ``outcome="duplicate"``)."""
         count = 0
         try:
             text = self.log_path.read_text(errors="replace")
@@ -484,7 +485,8 @@ class WorkerProcess:
             if f'"{name}"' not in line:
                 continue
             with contextlib.suppress(ValueError):
-                if json.loads(line).get("event") == name:
+                event = json.loads(line)
+                if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
                     count += 1
         return count
 
@@ -649,9 +651,13 @@ class FaultRig:
     async def counts(self) -> DbCounts:
         return await db_counts(self.database_url)
 
-    def events(self, name: str) -> int:
-        """Log events ``name`` over every worker of the rig."""
-        return sum(w.events(name) for w in self.workers)
+    def events(self, name: str, **fields: object) -> int:
+        """Log events ``name`` (with ``fields``) over every worker of the rig."""
+        return sum(w.events(name, **fields) for w in self.workers)
+
+    def answered_from_ledger(self) -> int:
+        """Invocations the workers answered with a stored receipt instead of executing."""
+        return self.events("invocation_answered", outcome="duplicate")
 
     def logs(self) -> str:
         return "\n".join(f"--- {w.log_path.name}\n{w.log_tail()}" for w in self.workers)

@@ -41,9 +41,9 @@ async def test_sigkill_mid_stream_loses_nothing_and_repeats_no_effect(rig: Fault
 
     await rig.collector.wait_for(ids, within=60)
     assert rig.collector.check(requests) == []
-    # the fault caught work committed but not yet acked: those were redelivered and
-    # answered again from the ledger (byte-identical, checked above), not executed again
-    assert rig.collector.repeated > 0, "the fault hit no committed-but-unacked message"
+    # the fault caught work committed but not yet acked: it was redelivered and answered
+    # from the ledger (any repeated receipt byte-identical, checked above), not executed
+    assert rig.answered_from_ledger() > 0, "the fault hit no committed-but-unacked message"
     counts = await rig.counts()
     assert counts.customers == counts.ledger == counts.writes == len(requests), counts
     assert counts.duplicate_effects == 0
