@@ -10,10 +10,13 @@ The broker has no management plugin, so everything here speaks AMQP 0.9.1:
   takes at most as many messages as the queue held when it started (so messages that a
   running worker dead-letters again while a replay is going on are not chased forever),
   keeps every message it does not settle unacknowledged, and hands them all back with one
-  ``basic.nack(multiple, requeue)`` at the end. A quorum queue puts returned messages back
-  at its head in their order; a killed scan returns them the same way when its channel dies.
-  Two scans at once each see only the messages the other is not holding: nothing is lost,
-  a listing may just be short while a replay runs.
+  ``basic.nack(multiple, requeue)`` at the end; a killed scan's messages come back when its
+  channel dies. A quorum queue appends returned messages to its tail in their order, so a
+  scan of the whole queue leaves the order as it was, and a partial one (``--limit``)
+  moves what it read behind the rest. Returns land asynchronously, so a scan waits (a few
+  seconds at most) until the queue shows them again before it finishes. Two scans at once
+  each see only what the other is not holding: nothing is lost, a listing may just be
+  short while a replay runs.
 * **Replay** is confirm-then-ack: the copy is published to the inbox (default exchange,
   ``mandatory``, publisher confirms), its audit row is written, and only then is the dead
   letter acked. Killed at any point, a message is in the dead-letter queue, in the inbox,
@@ -590,27 +593,37 @@ def worker_queues(settings: Settings) -> list[tuple[str, str, float | None]]:
     return out
 
 
-async def peek_head_age(
-    connection: AbstractConnection, queue: str, *, now: datetime
-) -> float | None:
-    """Seconds since the first death of the message at the head of a dead-letter queue.
+#: a dead-letter queue up to this many messages is read whole for its oldest age
+OLDEST_SCAN_LIMIT: Final = 1000
 
-    AMQP 0.9.1 cannot browse a queue, so this takes the head with ``basic.get`` and returns
-    it at once with ``nack(requeue)``: the message goes back to the head of the quorum
-    queue, but it is marked redelivered and its ``x-delivery-count`` grows by one (on
-    RabbitMQ 4.0-4.2 every return counts toward a delivery limit). Used only on the
-    dead-letter queue, which no one consumes and which has no delivery limit of ours.
+
+async def oldest_dead_letter_age(
+    connection: AbstractConnection, queue: str, *, now: datetime, limit: int = OLDEST_SCAN_LIMIT
+) -> float | None:
+    """Seconds since the earliest first death among the dead letters of ``queue``.
+
+    AMQP 0.9.1 cannot browse a queue, so this reads it like ``dlq list`` does (``basic.get``,
+    then everything handed back): each message is marked redelivered and its
+    ``x-delivery-count`` grows by one (on RabbitMQ 4.0-4.2 every return counts toward a
+    delivery limit, which the dead-letter queue must not have). Up to ``limit`` messages the
+    whole queue is read, which keeps its order; a longer queue is judged by its first
+    ``limit`` messages only, and those go behind the rest (returns join a quorum queue's
+    tail), so the figure is a lower bound there.
     """
+    oldest: datetime | None = None
     async with _scanning(connection, queue) as scan:
-        msg = await _get(scan.queue)
-        if msg is None:
-            return None
-        scan.held.append(msg)
-        first = first_death_time(msg.headers or {})
-        if first is None and msg.timestamp is not None:
-            ts = msg.timestamp
-            first = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-    return None if first is None else max(0.0, (now - first).total_seconds())
+        for _ in range(min(scan.snapshot, limit)):
+            msg = await _get(scan.queue)
+            if msg is None:
+                break
+            scan.held.append(msg)
+            first = first_death_time(msg.headers or {})
+            if first is None and msg.timestamp is not None:
+                ts = msg.timestamp
+                first = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+            if first is not None and (oldest is None or first < oldest):
+                oldest = first
+    return None if oldest is None else max(0.0, (now - oldest).total_seconds())
 
 
 async def gather_status(
@@ -625,7 +638,7 @@ async def gather_status(
         oldest: float | None = None
         if peek and role == "dead-letter" and depth is not None and depth.ready > 0:
             with contextlib.suppress(LookupError):
-                oldest = await peek_head_age(connection, name, now=datetime.now(UTC))
+                oldest = await oldest_dead_letter_age(connection, name, now=datetime.now(UTC))
         rows.append(
             QueueStatus(
                 name=name,
@@ -861,47 +874,62 @@ async def replay(
         async for msg in scan.messages():
             result.scanned += 1
             dl = describe(msg, max_size=max_size)
-            if selection.full(len(result.selected)) or not selection.matches(dl):
+            if not selection.matches(dl):
                 scan.held.append(msg)
                 continue
             result.selected.append(dl)
             if dry_run:
                 scan.held.append(msg)
-                continue
-            if pacer is not None:
-                await pacer.wait()
-            copy = replay_copy(msg, now=datetime.now(UTC), by=who)
-            try:
-                await scan.channel.default_exchange.publish(
-                    copy, routing_key=inbox, mandatory=True, timeout=BROKER_TIMEOUT
-                )
-            except aiormq.exceptions.DeliveryError as exc:
-                scan.held.append(msg)
-                raise ReplayFailed(f"cannot replay {dl.id!r} into {inbox!r}: {exc}") from None
-            try:
-                if audit is not None:
-                    await audit.record(
-                        "replay",
-                        dl,
-                        {
-                            "from": dead_letter_queue,
-                            "to": inbox,
-                            "by": who,
-                            "replay_count": copy.headers.get(topology.H_REPLAY_COUNT),
-                            "correlation_id": dl.correlation_id,
-                            "error": dl.error,
-                        },
-                    )
-            except BaseException:
-                # the copy is in the inbox already: keep the dead letter too (a duplicate
-                # the ledger absorbs) rather than a move with no audit row
-                scan.held.append(msg)
-                raise
-            await scan.ack(msg)
-            result.done += 1
-            if on_moved is not None:
-                on_moved(dl)
+            else:
+                if pacer is not None:
+                    await pacer.wait()
+                await _move(scan, msg, dl, inbox=inbox, by=who, audit=audit)
+                result.done += 1
+                if on_moved is not None:
+                    on_moved(dl)
+            if selection.full(len(result.selected)):
+                break  # enough: leave the rest of the queue alone
     return result
+
+
+async def _move(
+    scan: _Scan,
+    msg: AbstractIncomingMessage,
+    dl: DeadLetter,
+    *,
+    inbox: str,
+    by: str,
+    audit: AuditLog | None,
+) -> None:
+    """One replay: publish the copy (confirmed, mandatory), write its audit row, ack."""
+    copy = replay_copy(msg, now=datetime.now(UTC), by=by)
+    try:
+        await scan.channel.default_exchange.publish(
+            copy, routing_key=inbox, mandatory=True, timeout=BROKER_TIMEOUT
+        )
+    except aiormq.exceptions.DeliveryError as exc:
+        scan.held.append(msg)
+        raise ReplayFailed(f"cannot replay {dl.id!r} into {inbox!r}: {exc}") from None
+    try:
+        if audit is not None:
+            await audit.record(
+                "replay",
+                dl,
+                {
+                    "from": scan.queue.name,
+                    "to": inbox,
+                    "by": by,
+                    "replay_count": copy.headers.get(topology.H_REPLAY_COUNT),
+                    "correlation_id": dl.correlation_id,
+                    "error": dl.error,
+                },
+            )
+    except BaseException:
+        # the copy is in the inbox already: keep the dead letter too (a duplicate the
+        # ledger absorbs) rather than a move with no audit row
+        scan.held.append(msg)
+        raise
+    await scan.ack(msg)
 
 
 async def purge(
@@ -926,10 +954,12 @@ async def purge(
         async for msg in scan.messages():
             result.scanned += 1
             dl = describe(msg, max_size=max_size)
-            if selection.full(len(chosen)) or not selection.matches(dl):
+            if not selection.matches(dl):
                 scan.held.append(msg)
                 continue
             chosen.append((msg, dl))
+            if selection.full(len(chosen)):
+                break  # enough: leave the rest of the queue alone
         result.selected = [dl for _, dl in chosen]
         answer = True if confirm is None or not chosen else confirm(result.selected)
         if asyncio.iscoroutine(answer):
