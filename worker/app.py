@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib.util
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -25,6 +26,12 @@ from worker.metrics import Metrics
 HTTP_HOST: Final = "127.0.0.1"
 #: seconds between queue-depth polls (worker.ops.DepthPoller)
 DEPTH_POLL_INTERVAL: Final = 15.0
+#: Python frames allowed: pamqp decodes (and encodes) nested header tables recursively, two
+#: frames a level, and one frame (128 KiB) holds ~22,000 levels. At the default of 1,000 a
+#: publisher's nested header raised RecursionError in the connection's reader: the
+#: connection dropped, the message came back, and the worker was down until the broker's
+#: delivery limit. Python-to-Python calls use no C stack (3.11+), so this is heap only.
+RECURSION_LIMIT: Final = 100_000
 
 
 @dataclass
@@ -109,6 +116,7 @@ async def running(settings: Settings, *, key: ServiceKey | None = None) -> Async
         Unreachable: the broker or the database cannot be reached.
     """
     log = logs.get_logger()
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     app = App(settings)
     app.key = key or load_service_key(settings, log)
     app.health.key = app.key
