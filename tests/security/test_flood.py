@@ -362,3 +362,30 @@ async def test_a_forged_reserved_reply_to_cannot_take_the_worker_down(
     assert worker.consumer.outcomes["retried"] == 0
     assert worker.broker is not None and worker.broker.connected
     await ch.close()
+
+
+async def test_a_deeply_nested_header_cannot_take_the_worker_down(
+    worker: App, amqp: AbstractRobustConnection, queue_name: str
+) -> None:
+    """AMQP header tables nest; one frame holds ~20,000 levels. The AMQP library decodes
+    them recursively, in the connection's reader: a RecursionError there dropped the
+    connection, the message came back, and the worker was down until the delivery limit."""
+    assert worker.key is not None and worker.consumer is not None
+    service = worker.key.signer
+    deep: dict[str, Any] = {"x": 1}
+    for _ in range(6_000):  # far past the default recursion limit; decoding is quadratic
+        deep = {"n": deep}
+    ch = await amqp.channel()
+    replies = await ch.declare_queue(exclusive=True, auto_delete=True)
+    collector = Collector()
+    dlq = topology.dead_letter_name(queue_name)
+    for name in (replies.name, dlq):
+        await collector.consume(ch, name)
+    valid = inv(service, service.did, exp=int(time.time()) + 300)
+    for body in (b"\xa1garbage", valid):
+        msg = aio_pika.Message(body, headers={"deep": deep}, reply_to=replies.name)
+        await ch.default_exchange.publish(msg, queue_name)
+    await collector.until({replies.name: 1, dlq: 1}, 20)
+    assert worker.consumer.outcomes["retried"] == 0
+    assert worker.broker is not None and worker.broker.connected
+    await ch.close()
