@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--no-peek",
         action="store_true",
-        help="do not take the dead-letter queue's head to read its age (it is put back at "
-        "once, but marked redelivered)",
+        help="do not read the dead-letter queue for its oldest age (what is read is put "
+        "back at once, but marked redelivered)",
     )
     _setting_flags(st, (*_BROKER, "retry_delays"))
 
