@@ -240,6 +240,10 @@ def _handler(command: str) -> Handler:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``forge-worker`` console script."""
+    # pamqp decodes nested AMQP header tables recursively: every command that reads messages
+    # (run, dlq list/show/replay) needs the room, or one dead letter with a header nested
+    # thousands deep stops them all (worker.app.RECURSION_LIMIT says why it is safe)
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 100_000))
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = {k.removeprefix("cfg_"): v for k, v in vars(args).items() if k.startswith("cfg_")}
