@@ -6,11 +6,15 @@ the size limit are refused before they are decoded."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import sys
 import time
 import tracemalloc
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -388,4 +392,26 @@ async def test_a_deeply_nested_header_cannot_take_the_worker_down(
     await collector.until({replies.name: 1, dlq: 1}, 20)
     assert worker.consumer.outcomes["retried"] == 0
     assert worker.broker is not None and worker.broker.connected
+    # the operator's tools can still read the dead-letter queue
+    await ch.close()  # stops collecting the dead-letter queue
+    ch = await amqp.channel()
+    await ch.default_exchange.publish(
+        aio_pika.Message(b"\xa1junk", headers={"deep": deep}), queue_name
+    )
+    await worker.consumer.wait_for("dead_lettered", 2)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FORGE_WORKER_")},
+        "FORGE_WORKER_AMQP_URL": worker.settings.amqp_url,
+        "FORGE_WORKER_DATABASE_URL": worker.settings.database_url,
+        "FORGE_WORKER_QUEUE": queue_name,
+    }
+    exe = Path(sys.executable).parent / "forge-worker"
+    proc = await asyncio.create_subprocess_exec(
+        str(exe), "dlq", "list", "--json", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-1000:]
+    assert json.loads(out)["count"] == 1
     await ch.close()
