@@ -9,6 +9,7 @@ import importlib.util
 import signal
 import sys
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -96,6 +97,40 @@ class App:
         self.stop_requested.set()
 
 
+#: seconds a helper (the depth poller) gets to stop before the worker closes without it
+HELPER_STOP_TIMEOUT: Final = 3.0
+
+
+@contextlib.asynccontextmanager
+async def _stopping_within(
+    cm: AbstractAsyncContextManager[Any], name: str, stragglers: set[asyncio.Future[Any]]
+) -> AsyncIterator[None]:
+    """Enter ``cm``; on exit give its clean-up :data:`HELPER_STOP_TIMEOUT` seconds.
+
+    A helper stuck in a broker call (cancelled mid-RPC) must not hold up the drain: it is
+    left in ``stragglers`` and ends when the connection closes.
+    """
+    await cm.__aenter__()
+    try:
+        yield
+    finally:
+        leaving = asyncio.ensure_future(cm.__aexit__(None, None, None))
+        try:
+            await asyncio.wait_for(asyncio.shield(leaving), HELPER_STOP_TIMEOUT)
+        except TimeoutError:
+            logs.get_logger().warning("helper_stop_slow", helper=name)
+            stragglers.add(leaving)
+
+
+async def _end_stragglers(stragglers: set[asyncio.Future[Any]]) -> None:
+    """After the connection closed: give stuck helpers a moment, then cancel them."""
+    if stragglers:
+        _, pending = await asyncio.wait(stragglers, timeout=HELPER_STOP_TIMEOUT)
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*stragglers, return_exceptions=True)
+
+
 async def _migrate(pool: asyncpg.Pool) -> list[store.Migration]:
     try:
         async with pool.acquire() as conn:
@@ -135,6 +170,8 @@ async def running(settings: Settings, *, key: ServiceKey | None = None) -> Async
         for mig in applied:
             log.info("migration_applied", version=mig.version, name=mig.name)
 
+        stragglers: set[asyncio.Future[Any]] = set()
+        stack.push_async_callback(_end_stragglers, stragglers)
         app.broker = await Broker.connect(settings)
         stack.push_async_callback(app.broker.close)
         app.health.broker = app.broker
@@ -151,11 +188,10 @@ async def running(settings: Settings, *, key: ServiceKey | None = None) -> Async
         if importlib.util.find_spec("worker.ops") is not None:
             from worker.ops import DepthPoller
 
-            await stack.enter_async_context(
-                DepthPoller.for_settings(
-                    app.broker.connection, settings, app.metrics, interval=DEPTH_POLL_INTERVAL
-                )
+            poller = DepthPoller.for_settings(
+                app.broker.connection, settings, app.metrics, interval=DEPTH_POLL_INTERVAL
             )
+            await stack.enter_async_context(_stopping_within(poller, "depth_poller", stragglers))
 
         app.consumer = Consumer(settings, app.broker, app.pool, app.key.signer, app.metrics, log)
         await app.consumer.start()

@@ -102,10 +102,13 @@ class WorkerProcess:
 
     async def exit_code(self) -> int:
         assert self.proc is not None
-        async with asyncio.timeout(WAIT):
-            code = await self.proc.wait()
-            if self._reader is not None:
-                await self._reader
+        try:
+            async with asyncio.timeout(WAIT):
+                code = await self.proc.wait()
+                if self._reader is not None:
+                    await self._reader
+        except TimeoutError:
+            pytest.fail(f"process did not exit within {WAIT}s:\n" + "\n".join(self.lines))
         return code
 
     def signal(self, sig: int) -> None:
