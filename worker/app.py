@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import asyncpg
 
+from worker import amqp_guard, store
 from worker import log as logs
-from worker import store
 from worker.broker import Broker
 from worker.config import Settings
 from worker.consumer import Consumer
@@ -152,6 +152,7 @@ async def running(settings: Settings, *, key: ServiceKey | None = None) -> Async
     """
     log = logs.get_logger()
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
+    amqp_guard.install()
     app = App(settings)
     app.key = key or load_service_key(settings, log)
     app.health.key = app.key

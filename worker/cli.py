@@ -244,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (run, dlq list/show/replay) needs the room, or one dead letter with a header nested
     # thousands deep stops them all (worker.app.RECURSION_LIMIT says why it is safe)
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 100_000))
+    # and its decoders must not raise on a header a publisher wrote (worker.amqp_guard)
+    from worker import amqp_guard
+
+    amqp_guard.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = {k.removeprefix("cfg_"): v for k, v in vars(args).items() if k.startswith("cfg_")}
