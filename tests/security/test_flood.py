@@ -415,3 +415,33 @@ async def test_a_deeply_nested_header_cannot_take_the_worker_down(
     assert proc.returncode == 0, err.decode()[-1000:]
     assert json.loads(out)["count"] == 1
     await ch.close()
+
+
+@pytest.mark.parametrize(
+    "case", ["header-timestamp", "property-timestamp", "header-key", "property-string"]
+)
+async def test_headers_the_amqp_library_cannot_read_do_not_take_the_worker_down(
+    worker: App, amqp: AbstractRobustConnection, queue_name: str, case: str
+) -> None:
+    """A timestamp past year 9999 or a name that is not UTF-8 made the AMQP library's
+    decoder raise in the connection's reader: the connection dropped, the message came back,
+    and the worker was down (reconnecting every 5 s) until the broker's delivery limit."""
+    assert worker.key is not None and worker.consumer is not None
+    publisher = Path(__file__).with_name("hostile_publisher.py")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(publisher), worker.settings.amqp_url, queue_name, case
+    )
+    assert await proc.wait() == 0
+    async with asyncio.timeout(10):
+        await worker.consumer.wait_for("dead_lettered", 1)
+    # and the worker answers the next request at once
+    service = worker.key.signer
+    ch = await amqp.channel()
+    replies = await ch.declare_queue(exclusive=True, auto_delete=True)
+    collector = Collector()
+    await collector.consume(ch, replies.name)
+    body = inv(service, service.did, exp=int(time.time()) + 300)
+    await ch.default_exchange.publish(aio_pika.Message(body, reply_to=replies.name), queue_name)
+    await collector.until({replies.name: 1}, 10)
+    assert worker.consumer.outcomes["retried"] == 0
+    await ch.close()
