@@ -98,7 +98,7 @@ class App:
 
 
 #: seconds a helper (the depth poller) gets to stop before the worker closes without it
-HELPER_STOP_TIMEOUT: Final = 3.0
+HELPER_STOP_TIMEOUT: Final = 1.0
 
 
 @contextlib.asynccontextmanager
