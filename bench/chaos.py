@@ -3,7 +3,7 @@ cut and a database outage; then count what was answered, written, repeated, dead
 and lost.
 
     uv run python bench/chaos.py --n 10000 --kills 3 --db-outage 10 --broker-cut
-    uv run python bench/chaos.py --quick          # N=500, 1 kill, a cut, a 3 s outage
+    uv run python bench/chaos.py --quick          # N=500 at 100/s, 1 kill, a cut, 3 s outage
 
 Isolated: its own inbox queue (``chaos.<id>``) and database (``fw_chaos_<id>``), both
 removed at the end (``--keep`` leaves them). The workers are ``forge-worker run``
@@ -186,13 +186,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="N=500, 1 kill, a broker cut, a 3 s outage (for development)",
+        help="N=500 published at 100/s, 1 kill, a broker cut, a 3 s outage (for development)",
     )
     p.add_argument("--keep", action="store_true", help="keep the queues and database")
     p.add_argument("--out", type=Path, default=RESULTS / "chaos.json", help="JSON results")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.kills, args.db_outage, args.broker_cut = 500, 1, 3.0, True
+        # paced, so that the faults land mid-stream (unpaced, 500 are done in a second)
+        args.rate = args.rate or 100.0
         if args.out == RESULTS / "chaos.json":
             args.out = RESULTS / "chaos-quick.json"
     if args.seed is None:
@@ -343,6 +345,12 @@ async def run(args: argparse.Namespace) -> int:
                     "receipt_mismatch": len(problems),
                     "dead_lettered": len(dead),
                     "lost": len(lost_ids),
+                    # from the workers' logs: redeliveries answered with the stored receipt
+                    # (the exactly-once effect at work) and transient failures sent to a tier
+                    "answered_from_ledger": sum(
+                        w.worker.events("invocation_answered", outcome="duplicate") for w in workers
+                    ),
+                    "retried": sum(w.worker.events("request_retried") for w in workers),
                     "worker_starts": sum(w.worker.starts for w in workers),
                     "unplanned_worker_exits": [c for w in workers for c in w.unplanned],
                     "proxy": {
@@ -561,6 +569,8 @@ def _report(r: dict[str, Any]) -> None:
         ("ledger rows", r["ledger_rows"]),
         ("duplicate effects", r["duplicate_effects"]),
         ("repeated receipts (identical)", r["repeated_receipts"]),
+        ("answered from the ledger", r["answered_from_ledger"]),
+        ("sent to a retry tier", r["retried"]),
         ("receipt mismatches", r["receipt_mismatch"]),
         ("dead-lettered", r["dead_lettered"]),
         ("lost", r["lost"]),
