@@ -158,7 +158,8 @@ class AckTracker:
             return None
         top = max(ackable)
         done.difference_update(ackable)
-        self._open[channel].difference_update(ackable)
+        # a channel dropped meanwhile (its ack failed) is no longer tracked
+        self._open.get(channel, set()).difference_update(ackable)
         return top
 
     def drop_channel(self, channel: Any) -> None:
