@@ -445,3 +445,19 @@ async def test_headers_the_amqp_library_cannot_read_do_not_take_the_worker_down(
     await collector.until({replies.name: 1}, 10)
     assert worker.consumer.outcomes["retried"] == 0
     await ch.close()
+
+
+def test_settling_on_a_dropped_channel_does_not_crash_the_batch() -> None:
+    """After a connection loss a batch can hold deliveries of the dead channel and the new
+    one; settling the dead channel's raised KeyError, and the live channel's deliveries in
+    the same batch were never acked (their prefetch slots lost until a restart)."""
+    from worker.consumer import AckTracker
+
+    acks = AckTracker()
+    dead, live = object(), object()
+    acks.received(dead, 1)
+    acks.received(live, 1)
+    acks.drop_channel(dead)  # its ack failed: the broker requeues what it held
+    assert acks.done(dead, [1]) == 1  # the ack is attempted (and fails, harmlessly)
+    assert acks.done(live, [1]) == 1
+    assert acks.unsettled() == 0
