@@ -257,3 +257,15 @@ async def test_invalid_invocations_are_answered_while_the_database_is_away(
         await conn.execute("ALTER SCHEMA forge_worker_away RENAME TO forge_worker")
         await conn.close()
     assert worker.consumer.outcomes["retried"] == 0
+
+
+async def test_a_request_over_the_size_limit_is_dead_lettered_undecoded(
+    worker: App, requester: Requester, queue_name: str
+) -> None:
+    dlq = topology.dead_letter_name(queue_name)
+    await requester.listen(dlq)
+    body = b"\x40" + b"\x00" * worker.settings.max_message_size
+    await requester.publish(body)
+    dead = await requester.next(dlq)
+    assert dead.body == body
+    assert (dead.headers or {})[topology.H_REASON] == "undecodable"

@@ -57,3 +57,32 @@ def test_failure_classes_of_database_errors() -> None:
     assert is_transient_db_error(asyncpg.exceptions.DeadlockDetectedError())
     assert not is_transient_db_error(asyncpg.exceptions.CheckViolationError())
     assert not is_transient_db_error(ValueError())
+
+
+def test_a_copy_keeps_the_properties_and_drops_the_brokers_death_history() -> None:
+    from datetime import UTC, datetime
+
+    from worker.broker import copy_of
+
+    when = datetime(2026, 1, 2, tzinfo=UTC)
+    original: Any = SimpleNamespace(
+        body=b"body",
+        headers={"x-death": [{}], "x-first-death-reason": "expired", "app": "hilt"},
+        correlation_id="corr",
+        reply_to="replies",
+        message_id="mid",
+        timestamp=when,
+        content_type="application/vnd.ipld.dag-cbor",
+        content_encoding=None,
+        type=None,
+        app_id="hilt",
+    )
+    out = copy_of(original, "q.dlq", {topology.H_REASON: "undecodable"})
+    assert (out.routing_key, out.body) == ("q.dlq", b"body")
+    assert (out.correlation_id, out.reply_to, out.message_id, out.timestamp) == (
+        "corr",
+        "replies",
+        "mid",
+        when,
+    )
+    assert out.headers == {"app": "hilt", topology.H_REASON: "undecodable"}
