@@ -387,9 +387,9 @@ class Consumer:
             if i.failure is None
             and any(j.error is None or j.error[0] in _TIME_ERRORS for j in i.jobs)
         ]
-        arrivals = self._arrivals_to_record(live, now)
-        if not live and not arrivals:
+        if not live:  # (pending arrivals wait for a batch that needs the database anyway)
             return
+        arrivals = self._arrivals_to_record(live, now)
         try:
             async with asyncio.timeout(DB_TIMEOUT):
                 async with self.pool.acquire() as conn, conn.transaction():
