@@ -582,6 +582,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         print(f"warning: load average {la[0]} — the machine is not quiet", flush=True)
 
     result: dict[str, Any] = {"machine_detail": {**info, **versions}, "args": vars(args)}
+    result["code"] = code_version()
     queues: list[str] = []
     runs: list[WorkerRun] = []
     db_created = False
@@ -738,6 +739,20 @@ async def drain_runs(
         print(f"  receipts: {d['receipts']}", flush=True)
         out.append(d)
     return out
+
+
+def code_version() -> str:
+    """The commit measured, with ``+dirty`` when the worker's files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=c.ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "worker"], cwd=c.ROOT
+        ).returncode
+    except OSError:
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
