@@ -6,6 +6,7 @@ directly; the end-to-end ones go through the real worker and prove no row was wr
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
@@ -533,6 +534,8 @@ async def test_a_replayed_task_is_answered_from_the_ledger_not_executed(
     assert twin_answer.body == answer.body
     assert await _updated_at(database_url, customer) == written  # never touched again
     assert await _count(database_url, "SELECT count(*) FROM forge_worker.receipts") == 1
+    # the answer can reach the queue before the worker settles and counts the message
+    await asyncio.wait_for(worker.consumer.wait_for("duplicate", 2), timeout=10)
     assert worker.consumer.outcomes["duplicate"] == 2
     # while a task never seen before, expired, is refused
     late = inv(hilt, service.did, [root], exp=int(time.time()) + 60)
