@@ -3,8 +3,11 @@ isolated database and isolated queue names per test, and the shared vectors."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -80,7 +83,51 @@ async def database_url(admin_dsn: str) -> AsyncIterator[str]:
 @pytest.fixture
 def queue_name() -> Iterator[str]:
     """A unique inbox name for this test; its derived queues share the prefix."""
-    yield f"fwtest.{uuid.uuid4().hex[:10]}"
+    yield f"{SESSION_PREFIX}{uuid.uuid4().hex[:10]}"
+
+
+#: every queue a test session creates starts with this, so the session can delete them all
+SESSION_PREFIX = f"fwtest.{uuid.uuid4().hex[:6]}."
+
+
+def _broker_queue_names() -> list[str]:
+    """Every queue on the broker, read with rabbitmqctl (AMQP cannot list queues)."""
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_session_queues() -> Iterator[None]:
+    """At the end of the run, delete every queue this session left (retry tiers with custom
+    delays, reply queues of clients, ...): quorum queues hold file descriptors, and a broker
+    that runs out of them hangs new connections."""
+    yield
+    names = [n for n in _broker_queue_names() if n.startswith(SESSION_PREFIX)]
+    if not names:
+        return
+
+    async def delete() -> None:
+        conn = await aio_pika.connect(AMQP_URL)
+        try:
+            for name in names:
+                ch = await conn.channel()
+                with contextlib.suppress(Exception):
+                    await ch.queue_delete(name)
+                if not ch.is_closed:
+                    await ch.close()
+        finally:
+            await conn.close()
+
+    asyncio.run(delete())
 
 
 @pytest.fixture
