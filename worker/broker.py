@@ -11,6 +11,7 @@ from typing import Any, Final
 import aio_pika
 import aiormq
 from aio_pika.abc import (
+    AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -27,7 +28,53 @@ CONNECT_TIMEOUT: Final = 10.0
 
 
 class PublishFailed(Transient):
-    """The broker did not confirm a publish (nack, return, timeout or lost channel)."""
+    """The broker did not confirm a publish (nack, return, timeout or lost channel).
+
+    ``kind`` says which: ``returned`` (no queue took it), ``nacked`` (the broker refused
+    it, e.g. a full queue with ``reject-publish``), ``timeout`` (no confirm in time) or
+    ``lost`` (the channel or connection went away); only after ``returned`` and ``nacked``
+    is it certain the broker did not keep the message.
+    """
+
+    def __init__(self, message: str, *, kind: str = "lost") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+async def publish_confirmed(
+    channel: AbstractChannel,
+    message: aio_pika.Message,
+    routing_key: str,
+    *,
+    timeout: float,  # noqa: ASYNC109 - the confirm's own deadline
+) -> None:
+    """Publish ``message`` through the default exchange, ``mandatory``, and wait for its
+    publisher confirm: the one place that turns aiormq's ways of failing into
+    :class:`PublishFailed`.
+
+    Raises:
+        PublishFailed: with ``kind`` returned, nacked, timeout or lost.
+    """
+    where = f"cannot publish to {routing_key!r}"
+    try:
+        await channel.default_exchange.publish(
+            message, routing_key, mandatory=True, timeout=timeout
+        )
+    except aiormq.exceptions.PublishError as exc:
+        raise PublishFailed(
+            f"{where}: returned by the broker ({_reply_text(exc)})", kind="returned"
+        ) from None
+    except aiormq.exceptions.DeliveryError:
+        raise PublishFailed(f"{where}: nacked", kind="nacked") from None
+    except TimeoutError:
+        raise PublishFailed(f"{where}: no confirm within {timeout:g} s", kind="timeout") from None
+    except (
+        aiormq.exceptions.AMQPError,
+        aiormq.exceptions.ChannelInvalidStateError,
+        ConnectionError,
+        RuntimeError,
+    ) as exc:
+        raise PublishFailed(f"{where}: {type(exc).__name__}", kind="lost") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,28 +252,7 @@ class Broker:
             type=out.type,
             app_id=out.app_id,
         )
-        try:
-            await ch.default_exchange.publish(
-                message, out.routing_key, mandatory=True, timeout=confirm_within
-            )
-        except aiormq.exceptions.PublishError as exc:
-            raise PublishFailed(
-                f"cannot publish to {out.routing_key!r}: returned by the broker "
-                f"({_reply_text(exc)})"
-            ) from None
-        except aiormq.exceptions.DeliveryError:
-            raise PublishFailed(f"cannot publish to {out.routing_key!r}: nacked") from None
-        except TimeoutError:
-            raise PublishFailed(f"cannot publish to {out.routing_key!r}: no confirm") from None
-        except (
-            aiormq.exceptions.AMQPError,
-            aiormq.exceptions.ChannelInvalidStateError,
-            ConnectionError,
-            RuntimeError,
-        ) as exc:
-            raise PublishFailed(
-                f"cannot publish to {out.routing_key!r}: {type(exc).__name__}"
-            ) from None
+        await publish_confirmed(ch, message, out.routing_key, timeout=confirm_within)
 
     async def close(self) -> None:
         """Close the connection (its channels with it)."""

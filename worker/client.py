@@ -58,6 +58,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from worker import broker
 from worker.errors import Unreachable, WorkerError
 from worker.topology import CONTENT_TYPE
 from worker.ucan import (
@@ -142,6 +143,13 @@ class PublishFailed(ClientError):
     """The broker did not take the request: returned (no such queue), nacked, or lost."""
 
     name = "PublishFailed"
+
+
+#: what to check after each way a publish can fail (see worker.broker.PublishFailed.kind)
+_PUBLISH_HINTS: Final = {
+    "returned": " (no such queue: is the worker running?)",
+    "nacked": " (is the inbox full?)",
+}
 
 
 class ProofError(ClientError):
@@ -569,26 +577,10 @@ class Client:
             timestamp=int(time.time()),
             app_id="forge-worker-client",
         )
-        where = f"cannot publish to {self.queue!r}"
         try:
-            await channel.default_exchange.publish(
-                message, self.queue, mandatory=True, timeout=PUBLISH_TIMEOUT
-            )
-        except aiormq.exceptions.PublishError:
-            raise PublishFailed(
-                f"{where}: returned unroutable (no such queue: is the worker running?)"
-            ) from None
-        except aiormq.exceptions.DeliveryError:
-            raise PublishFailed(f"{where}: refused by the broker (is the inbox full?)") from None
-        except TimeoutError:
-            raise PublishFailed(f"{where}: no confirm within {PUBLISH_TIMEOUT:g} s") from None
-        except (
-            aiormq.exceptions.AMQPError,
-            aiormq.exceptions.ChannelInvalidStateError,
-            ConnectionError,
-            RuntimeError,
-        ) as exc:
-            raise PublishFailed(f"{where}: {type(exc).__name__}: {exc}") from None
+            await broker.publish_confirmed(channel, message, self.queue, timeout=PUBLISH_TIMEOUT)
+        except broker.PublishFailed as exc:
+            raise PublishFailed(f"{exc}{_PUBLISH_HINTS.get(exc.kind, '')}") from None
 
     async def call(
         self,
