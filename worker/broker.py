@@ -27,6 +27,10 @@ PUBLISH_TIMEOUT: Final = 10.0
 CONNECT_TIMEOUT: Final = 10.0
 
 
+#: seconds between reconnect attempts after the broker connection is lost
+RECONNECT_INTERVAL: Final = 1.0
+
+
 class PublishFailed(Transient):
     """The broker did not confirm a publish (nack, return, timeout or lost channel).
 
@@ -155,6 +159,9 @@ class Broker:
             conn = await aio_pika.connect_robust(
                 settings.amqp_url,
                 timeout=CONNECT_TIMEOUT,
+                # aio-pika waits 5 s between reconnects by default: an idle worker then
+                # stays away for 5 s after every broker cut
+                reconnect_interval=RECONNECT_INTERVAL,
                 client_properties={"connection_name": f"forge-worker {settings.queue}"},
             )
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:

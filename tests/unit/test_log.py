@@ -39,3 +39,20 @@ def test_console_format_is_not_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert "something_happened" in out
     with pytest.raises(ValueError):
         json.loads(out)
+
+
+def test_library_records_are_json_lines_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """aio-pika, aiormq and asyncpg log through the stdlib; their lines must parse as JSON."""
+    import logging
+
+    log.configure("json")
+    try:
+        raise ConnectionError("refused")
+    except ConnectionError:
+        logging.getLogger("aiormq.connection").error("cannot connect", exc_info=True)
+    logging.getLogger("asyncpg.pool").info("below the level: not written")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["event"] == "cannot connect" and event["logger"] == "aiormq.connection"
+    assert event["level"] == "error" and "ConnectionError: refused" in event["exception"]
