@@ -487,8 +487,26 @@ async def count_customers(db_url: str) -> int:
 # --------------------------------------------------------------------------- (c) latency
 
 
+def _write_series(path: Path, sent: list[float], recv: list[float]) -> None:
+    """Each request's publish time (s from the first) and latency (ms; -1 if unanswered)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = sent[0]
+    path.write_text(
+        "".join(
+            f"{s - t0:.4f},{(r - s) * 1000 if r else -1:.2f}\n"
+            for s, r in zip(sent, recv, strict=True)
+        )
+    )
+
+
 async def latency(
-    url: str, queue: str, reply: str, bodies: Sequence[bytes], rate: float, warmup: float
+    url: str,
+    queue: str,
+    reply: str,
+    bodies: Sequence[bytes],
+    rate: float,
+    warmup: float,
+    series: Path | None = None,
 ) -> dict[str, Any]:
     """Publish ``bodies`` at ``rate``/s; publish -> receipt latency after ``warmup`` seconds."""
     n = len(bodies)
@@ -540,6 +558,8 @@ async def latency(
     finally:
         await conn.close()
     skip = int(warmup * rate)
+    if series is not None:
+        _write_series(series, sent, recv)
     lat = [(recv[j] - sent[j]) * 1000 for j in range(skip, n) if recv[j]]
     lat.sort()
     return {
@@ -663,7 +683,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             one.start()
             await wait_consumers(one)
             await asyncio.sleep(1)
-            lt = await latency(url, one.queue, one.reply, lat_bodies, rate, args.warmup)
+            csv = c.RESULTS / f"latency-{rid}.csv"
+            lt = await latency(url, one.queue, one.reply, lat_bodies, rate, args.warmup, csv)
             del lat_bodies
             lt["rss_mb"] = one.hwm_mb()
             rss = max(rss, *lt["rss_mb"])
