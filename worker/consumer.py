@@ -58,6 +58,12 @@ MAX_BATCH: Final = 100
 MAX_CONCURRENT_BATCHES: Final = 4
 #: seconds one batch's database work may take before it counts as a transient failure
 DB_TIMEOUT: Final = 15.0
+#: seconds a batch waits for a lost database to come back before it goes to a retry tier;
+#: held batches fill the prefetch window, so the rest of the inbox waits where it is instead
+#: of spending retry attempts (kept well under the broker's consumer timeout, 30 min)
+DB_HOLD: Final = 60.0
+#: seconds between pings of a lost database (doubling up to the second value)
+DB_PING_EVERY: Final = (0.25, 5.0)
 #: validation errors re-checked as of an invocation's first arrival
 _TIME_ERRORS: Final = frozenset({"Expired", "TooEarly"})
 
@@ -185,6 +191,7 @@ class Consumer:
         clock: Callable[[], float] = _now,
         max_batch: int = MAX_BATCH,
         max_concurrent_batches: int = MAX_CONCURRENT_BATCHES,
+        db_hold: float = DB_HOLD,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -194,6 +201,7 @@ class Consumer:
         self.log = log
         self.clock = clock
         self.max_batch = max_batch
+        self.db_hold = db_hold
         self.service_did = signer.did
         static = {signer.did: [signer.public_key]} if signer.did != signer.key_did else {}
         self.resolver = Resolver(static)
@@ -203,6 +211,11 @@ class Consumer:
         self._acks = AckTracker()
         self._pending_arrivals: dict[str, datetime] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        #: set while the database is thought reachable; cleared on a lost connection until a
+        #: ping answers again (see _hold_for_database)
+        self._db_up = asyncio.Event()
+        self._db_up.set()
+        self._db_watch: asyncio.Task[None] | None = None
         #: settles when nothing is buffered or being processed
         self.idle = asyncio.Event()
         self.idle.set()
@@ -273,6 +286,10 @@ class Consumer:
             task.cancel()
         if self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
+        if self._db_watch is not None:
+            self._db_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._db_watch
         return drained
 
     async def next_batch(self) -> list[Item]:
@@ -390,19 +407,33 @@ class Consumer:
         if not live:  # (pending arrivals wait for a batch that needs the database anyway)
             return
         arrivals = self._arrivals_to_record(live, now)
-        try:
-            async with asyncio.timeout(DB_TIMEOUT):
-                async with self.pool.acquire() as conn, conn.transaction():
-                    await self._transaction(conn, live, arrivals, now)
-            self._flushed(arrivals)
-            return
-        except Exception as exc:
-            self._reset(live)
-            if is_transient_db_error(exc) or len(live) <= 1:
+        for last_try in (False, True):
+            if not await self._hold_for_database():
                 for item in live:
-                    item.fail("transient", "database", _describe(exc))
+                    item.fail("transient", "database", f"unreachable for {self.db_hold:g} s")
                 return
-            self.log.warning("batch_split", size=len(live), error=_describe(exc))
+            try:
+                async with asyncio.timeout(DB_TIMEOUT):
+                    async with self.pool.acquire() as conn, conn.transaction():
+                        await self._transaction(conn, live, arrivals, now)
+                self._flushed(arrivals)
+                return
+            except Exception as exc:
+                self._reset(live)
+                if is_transient_db_error(exc):
+                    if not last_try:  # (a lost database: wait for it) then try once more
+                        if isinstance(exc, store.CONNECTION_ERRORS):
+                            self._database_lost(exc)
+                        continue
+                    for item in live:
+                        item.fail("transient", "database", _describe(exc))
+                    return
+                if len(live) <= 1:
+                    for item in live:
+                        item.fail("transient", "database", _describe(exc))
+                    return
+                self.log.warning("batch_split", size=len(live), error=_describe(exc))
+                break
         # a row-specific failure: one message per transaction, so the others go through
         for item in live:
             try:
@@ -413,6 +444,33 @@ class Consumer:
             except Exception as exc:
                 self._reset([item])
                 item.fail("transient", "database", _describe(exc))
+
+    def _database_lost(self, exc: BaseException) -> None:
+        """Note a lost database; one watcher pings it until it answers again."""
+        if not self._db_up.is_set():
+            return
+        self._db_up.clear()
+        self.log.warning("database_lost", error=_describe(exc))
+        self._db_watch = asyncio.create_task(self._watch_database(), name="forge-worker-db")
+
+    async def _watch_database(self) -> None:
+        delay, most = DB_PING_EVERY
+        while not await store.ping(self.pool):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, most)
+        self.log.info("database_back")
+        self._db_up.set()
+
+    async def _hold_for_database(self) -> bool:
+        """True at once while the database is up; else wait for it up to ``db_hold`` s."""
+        if self._db_up.is_set():
+            return True
+        try:
+            async with asyncio.timeout(self.db_hold):
+                await self._db_up.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def _reset(self, items: list[Item]) -> None:
         """Forget what a rolled-back transaction decided (receipts it did not store)."""

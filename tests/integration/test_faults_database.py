@@ -1,10 +1,11 @@
-"""A database outage against the real Postgres, through the fault proxy: messages wait in
-the retry queues, and all succeed once it is back; nothing is dead-lettered."""
+"""A database outage against the real Postgres, through the fault proxy: the worker holds
+what it has (the rest waits in the inbox), spends no retry attempt on a short outage, and
+answers everything once the database is back; nothing is dead-lettered."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ async def _rig(
         yield rig
 
 
-async def test_database_outage_waits_in_retry_queues_then_succeeds(rig: FaultRig) -> None:
+async def test_database_outage_is_waited_out_without_spending_retries(rig: FaultRig) -> None:
     await rig.start_worker()
     before = rig.requests(20)
     await rig.publish(before)
@@ -38,17 +39,23 @@ async def test_database_outage_waits_in_retry_queues_then_succeeds(rig: FaultRig
     rig.pg_proxy.cut()
     during = rig.requests(100)
     await rig.publish(during)
-    waiting = await poll_until(rig.retry_depth, within=15, what="messages in the retry queues")
-    assert waiting > 0
+    await poll_until(
+        _async(lambda: rig.events("database_lost")), within=15, what="the worker to notice"
+    )
     await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for a condition
     assert not rig.collector.answered & {r.correlation_id for r in during}, (
         "answered while the database was unreachable"
     )
     assert rig.pg_proxy.stats.refused > 0, "the worker never tried the database"
+    # held in the prefetch window and the inbox, not pushed through the retry tiers
+    assert await rig.retry_depth() == 0
+    assert rig.events("request_retried") == 0
 
     rig.pg_proxy.accept()
     await rig.collector.wait_for([r.correlation_id for r in during], within=60)
 
+    assert rig.events("database_back") >= 1
+    assert rig.events("request_retried") == 0
     assert rig.collector.check([*before, *during]) == []
     assert await rig.dead_letters() == 0
     counts = await rig.counts()
@@ -56,6 +63,13 @@ async def test_database_outage_waits_in_retry_queues_then_succeeds(rig: FaultRig
     assert counts.duplicate_effects == 0, counts
     depths = await rig.depths()
     assert sum(depths.values()) == 0, depths
+
+
+def _async(probe: Callable[[], int]) -> Callable[[], Awaitable[int]]:
+    async def run() -> int:
+        return probe()
+
+    return run
 
 
 async def test_database_connections_cut_mid_transaction_repeat_no_effect(
@@ -90,7 +104,8 @@ async def _cut_mid_transaction(rig: FaultRig) -> None:
     await rig.collector.wait_for(ids, within=60)
 
     assert rig.pg_proxy.stats.cut > 0
-    assert rig.events("request_retried") > 0, "no cut hit a transaction"
+    # a cut transaction is tried again once the database answers (a retry tier only if not)
+    assert rig.events("database_lost") > 0, "no cut hit a transaction"
     assert rig.collector.check(requests) == []
     assert await rig.dead_letters() == 0
     counts = await rig.counts()

@@ -1,0 +1,96 @@
+"""A lost database: a batch waits for it (bounded) and tries once more, instead of spending
+a retry attempt at once. Pure unit: a fake pool and a fake ping stand in for Postgres (the
+fault tests prove the same on the real one)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import structlog
+
+from worker import store as store_mod
+from worker.config import Settings
+from worker.consumer import Consumer, Item, Job
+from worker.metrics import Metrics
+from worker.ucan import Signer
+
+
+class FlakyPool:
+    """``acquire()`` fails while ``down``; counts the transactions it let through."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.transactions = 0
+        self.refused = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        if self.down:
+            self.refused.set()
+            raise ConnectionRefusedError("connection refused")
+        yield SimpleNamespace(transaction=contextlib.nullcontext)
+
+
+def make(pool: FlakyPool, monkeypatch: pytest.MonkeyPatch, hold: float) -> Consumer:
+    c = Consumer(
+        Settings(),
+        broker=None,  # type: ignore[arg-type]  # not reached by _store
+        pool=pool,
+        signer=Signer.generate(),
+        metrics=Metrics(),
+        log=structlog.get_logger(),
+        db_hold=hold,
+    )
+
+    async def transaction(conn: Any, live: Any, arrivals: Any, now: float) -> None:
+        pool.transactions += 1
+
+    monkeypatch.setattr(c, "_transaction", transaction)
+    monkeypatch.setattr(store_mod, "ping", lambda _pool: _answer(not pool.down))
+    return c
+
+
+async def _answer(value: bool) -> bool:
+    return value
+
+
+def batch() -> list[Item]:
+    msg: Any = SimpleNamespace(redelivered=False, headers={}, body=b"")
+    return [Item(msg, channel=None, received=0.0, jobs=[Job(inv=SimpleNamespace())])]  # type: ignore[arg-type]
+
+
+async def test_the_batch_waits_for_the_database_and_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = FlakyPool()
+    c = make(pool, monkeypatch, hold=30)
+    items = batch()
+    store = asyncio.create_task(c._store(items, now=0.0))
+    await asyncio.wait_for(pool.refused.wait(), timeout=10)  # the first try failed
+    assert not c._db_up.is_set() and not store.done() and pool.transactions == 0
+    pool.down = False  # the next ping answers
+    await asyncio.wait_for(store, timeout=10)
+    assert pool.transactions == 1
+    assert items[0].failure is None  # no retry attempt spent
+
+
+async def test_a_database_away_longer_than_the_hold_sends_the_batch_to_a_retry_tier(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = FlakyPool()
+    c = make(pool, monkeypatch, hold=0.2)
+    items = batch()
+    await asyncio.wait_for(c._store(items, now=0.0), timeout=10)
+    assert pool.transactions == 0
+    assert (items[0].failure, items[0].reason) == ("transient", "database")
+    assert "unreachable" in items[0].error
+    # no broker here to stop: cancel the watcher, which is still pinging
+    assert c._db_watch is not None
+    c._db_watch.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await c._db_watch
