@@ -186,6 +186,59 @@ async def measure_ceiling(url: str, prefix: str, body_size: int, n: int, runs: i
     return rates
 
 
+#: the raw loop of (a) as its own process, for a latency reference at the same offered load
+ECHO = """
+import asyncio, sys
+import aio_pika, uvloop
+
+async def main() -> None:
+    conn = await aio_pika.connect(sys.argv[1])
+    ch = await conn.channel(publisher_confirms=True)
+    await ch.set_qos(prefetch_count=100)
+    queue = await ch.declare_queue(sys.argv[2], passive=True)
+    ex = ch.default_exchange
+
+    async def handle(msg):
+        reply = aio_pika.Message(
+            b"r" * 300, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            correlation_id=msg.correlation_id,
+        )
+        await ex.publish(reply, routing_key=msg.reply_to)
+        await msg.ack()
+
+    await queue.consume(handle)
+    await asyncio.Future()
+
+uvloop.run(main())
+"""
+
+
+def _spawn_echo(url: str, queue: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", ECHO, url, queue])
+
+
+async def echo_latency(
+    url: str, prefix: str, body: bytes, rate: float, seconds: float, warmup: float
+) -> dict[str, Any]:
+    """Latency of the raw loop (a) at ``rate``: what broker and machine alone give."""
+    queue, reply = f"{prefix}.echo", f"{prefix}.echo.reply"
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        for name in (queue, reply):
+            await ch.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+    finally:
+        await conn.close()
+    proc = _spawn_echo(url, queue)
+    try:
+        await asyncio.sleep(1.5)
+        bodies = [body] * int(rate * (seconds + warmup))
+        return await latency(url, queue, reply, bodies, rate, warmup)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 # --------------------------------------------------------------------------- the worker
 
 
@@ -690,6 +743,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             rss = max(rss, *lt["rss_mb"])
             one.stop()
             print(f"latency: {lt}", flush=True)
+            queues += [f"{prefix}.echo", f"{prefix}.echo.reply"]
+            ref = await echo_latency(
+                url, prefix, os.urandom(size), rate, args.latency_seconds, args.warmup
+            )
+            print(f"latency of the raw loop at the same load: {ref}", flush=True)
+            result["latency_raw_loop"] = ref
         result["latency"] = lt
 
         # --- (b') two processes
@@ -847,8 +906,17 @@ def print_table(r: dict[str, Any]) -> None:
                 "ms p50",
             ),
             ("", f"{r['p99_ms']}", f"ms p99 (max {lt['max_ms']} ms, {lt['samples']} samples)"),
-            ("peak RSS, 1 process (VmHWM)", f"{r['rss_mb']}", "MB"),
         ]
+        if "latency_raw_loop" in r:
+            ref = r["latency_raw_loop"]
+            rows.append(
+                (
+                    "  raw loop (a) at the same load",
+                    f"{ref['p50_ms']} / {ref['p99_ms']}",
+                    "ms p50 / p99: the broker and machine alone",
+                )
+            )
+        rows.append(("peak RSS, 1 process (VmHWM)", f"{r['rss_mb']}", "MB"))
     print()
     print(fmt_row(("measure", "value", "unit / notes"), w))
     for row in rows:
