@@ -54,6 +54,10 @@ from worker.ucan import (
 
 #: most messages in one batch (one transaction)
 MAX_BATCH: Final = 100
+#: most body bytes in one batch (a batch always takes at least one message): decoded CBOR
+#: can take tens of times its encoded size in memory, so what is decoded at once is bounded
+#: by bytes, not only by count (typical requests are about 1 KiB, so this rarely binds)
+MAX_BATCH_BYTES: Final = 1 << 20
 #: batches processed at the same time (their transactions and publishes overlap)
 MAX_CONCURRENT_BATCHES: Final = 4
 #: seconds one batch's database work may take before it counts as a transient failure
@@ -206,6 +210,8 @@ class Consumer:
         static = {signer.did: [signer.public_key]} if signer.did != signer.key_did else {}
         self.resolver = Resolver(static)
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        #: a delivery taken from the queue that did not fit its batch: first in the next one
+        self._carry: Item | None = None
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         #: deliveries waiting that make a full batch while another batch is in flight
         self._fill = max(1, min(max_batch, settings.prefetch // 2))
@@ -301,12 +307,21 @@ class Consumer:
     async def next_batch(self) -> list[Item]:
         """Wait for one delivery, then take whatever else has arrived (up to ``max_batch``):
         a lone message never waits for company."""
-        batch = [await self._queue.get()]
+        if self._carry is not None:
+            batch, self._carry = [self._carry], None
+        else:
+            batch = [await self._queue.get()]
+        size = len(batch[0].msg.body)
         while len(batch) < self.max_batch:
             try:
-                batch.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 break
+            size += len(item.msg.body)
+            if size > MAX_BATCH_BYTES:
+                self._carry = item  # keeps delivery order: it leads the next batch
+                break
+            batch.append(item)
         return batch
 
     async def _loop(self) -> None:
@@ -319,7 +334,7 @@ class Consumer:
                 # slots splitting the prefetch window into batches of 2-4 messages (measured:
                 # 27 messages a batch on average, most of them 3 or 4, against 95 with this);
                 # a lone message on an idle worker still goes at once.
-                while self._batches and self._queue.qsize() < self._fill:
+                while self._batches and self._carry is None and self._queue.qsize() < self._fill:
                     self._wake.clear()
                     await self._wake.wait()
                 batch = await self.next_batch()
@@ -336,7 +351,7 @@ class Consumer:
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             self.log.error("batch_crashed", error=repr(task.exception()))
-        if not self._batches and self._queue.empty():
+        if not self._batches and self._queue.empty() and self._carry is None:
             self.idle.set()
 
     # --- one batch -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
+from worker import consumer as consumer_mod
 from worker import store as store_mod
 from worker.config import Settings
 from worker.consumer import Consumer, Item, Job
@@ -94,3 +95,32 @@ async def test_a_database_away_longer_than_the_hold_sends_the_batch_to_a_retry_t
     c._db_watch.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await c._db_watch
+
+
+def delivery(size: int, n: int) -> Item:
+    msg: Any = SimpleNamespace(redelivered=False, headers={}, body=bytes(size), n=n)
+    return Item(msg, channel=None, received=0.0)
+
+
+def _n(item: Item) -> int:
+    n: int = getattr(item.msg, "n")  # noqa: B009 - set by delivery(), unknown to the type
+    return n
+
+
+async def test_a_batch_is_bounded_by_body_bytes_and_keeps_delivery_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decoded CBOR can take tens of times its size: what one batch decodes is capped by
+    bytes as well as by count, always at least one message, never reordering."""
+    c = make(FlakyPool(), monkeypatch, hold=1)
+    big = consumer_mod.MAX_BATCH_BYTES // 3 + 1  # three of these do not fit in one batch
+    sizes = [big, big, big, 10, big * 3, 10, 10]
+    for n, size in enumerate(sizes):
+        c._queue.put_nowait(delivery(size, n))
+    batches = [await c.next_batch() for _ in range(4)]
+    assert [[_n(i) for i in b] for b in batches] == [[0, 1], [2, 3], [4], [5, 6]]
+    assert all(
+        sum(len(i.msg.body) for i in b) <= consumer_mod.MAX_BATCH_BYTES or len(b) == 1
+        for b in batches
+    )
+    assert c._carry is None and c._queue.empty()
