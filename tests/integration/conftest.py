@@ -24,12 +24,14 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
+from tests.faults.harness import FaultRig
 from worker.app import App, running
 from worker.broker import queue_declarations
 from worker.config import Secret, Settings
@@ -291,3 +293,15 @@ async def requester(
     yield r
     if r.channel is not None and not r.channel.is_closed:
         await r.channel.close()
+
+
+@pytest.fixture(name="rig")
+async def _rig(
+    amqp_url: str, database_url: str, queue_name: str, tmp_path: Path
+) -> AsyncIterator[FaultRig]:
+    """Worker subprocesses behind loopback fault proxies (tests/faults/harness.py), on the
+    test's own queue and database."""
+    async with FaultRig(
+        amqp_url=amqp_url, database_url=database_url, queue=queue_name, log_dir=tmp_path
+    ) as rig:
+        yield rig

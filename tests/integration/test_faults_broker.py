@@ -3,7 +3,6 @@ mid-stream and a server-side consumer cancel. The worker is a subprocess."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +12,6 @@ from tests.faults.harness import FaultRig, free_port, poll_until, readiness
 from worker import topology
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(name="rig")
-async def _rig(
-    amqp_url: str, database_url: str, queue_name: str, tmp_path: Path
-) -> AsyncIterator[FaultRig]:
-    async with FaultRig(
-        amqp_url=amqp_url, database_url=database_url, queue=queue_name, log_dir=tmp_path
-    ) as rig:
-        yield rig
 
 
 async def test_broker_cut_mid_stream_loses_nothing_and_repeats_nothing(rig: FaultRig) -> None:

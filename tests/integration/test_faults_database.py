@@ -5,7 +5,7 @@ answers everything once the database is back; nothing is dead-lettered."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -16,16 +16,6 @@ pytestmark = pytest.mark.integration
 
 #: how long the database stays unreachable
 OUTAGE_S = 3.0
-
-
-@pytest.fixture(name="rig")
-async def _rig(
-    amqp_url: str, database_url: str, queue_name: str, tmp_path: Path
-) -> AsyncIterator[FaultRig]:
-    async with FaultRig(
-        amqp_url=amqp_url, database_url=database_url, queue=queue_name, log_dir=tmp_path
-    ) as rig:
-        yield rig
 
 
 async def test_database_outage_is_waited_out_without_spending_retries(rig: FaultRig) -> None:

@@ -3,24 +3,11 @@ each task's effect happened once, and repeated receipts are byte-identical."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from tests.faults.harness import FaultRig
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(name="rig")
-async def _rig(
-    amqp_url: str, database_url: str, queue_name: str, tmp_path: Path
-) -> AsyncIterator[FaultRig]:
-    async with FaultRig(
-        amqp_url=amqp_url, database_url=database_url, queue=queue_name, log_dir=tmp_path
-    ) as rig:
-        yield rig
 
 
 async def test_sigkill_mid_stream_loses_nothing_and_repeats_no_effect(rig: FaultRig) -> None:
