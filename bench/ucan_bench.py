@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cbor2
 import dag_cbor
@@ -27,6 +26,9 @@ import nacl.signing
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _common as c  # noqa: E402
 
 from worker.ucan import (  # noqa: E402
     CID,
@@ -49,22 +51,11 @@ PRODUCT = "did:web:hilt.fil-forge.com"
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": model,
-        "cpu_count": os.cpu_count(),
-        "cbor2": cbor2.__version__ if hasattr(cbor2, "__version__") else "6.x",
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    """The shared machine description (bench/_common.py) plus what this bench depends on."""
+    info: dict[str, Any] = dict(c.machine_info())
+    info["platform"] = platform.platform()
+    info["cbor2"] = getattr(cbor2, "__version__", "6.x")
+    return info
 
 
 def requests(n: int, details: dict[str, str]) -> tuple[list[bytes], list[bytes], Signer]:
@@ -190,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         ("Ed25519 verify (pynacl)", "ed25519_verify_per_s"),
         ("Ed25519 sign (pynacl)", "ed25519_sign_per_s"),
     ]
-    m = result["machine"]
-    print(f"machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}")
+    m = cast(dict[str, Any], result["machine"])
+    print(f"machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['platform']}, Python {m['python']}")
     print(f"request {result['request_bytes']:.0f} B, invocation {result['invocation_bytes']:.0f} B")
     print(f"rates per CPU second of one core (load average at start {m['loadavg_at_start']})")
     for label, k in rows:
