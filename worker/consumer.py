@@ -35,7 +35,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from structlog.typing import FilteringBoundLogger
 
 from worker import store, topology
-from worker.broker import Broker, Outgoing, PublishFailed, copy_of
+from worker.broker import Broker, Outgoing, copy_of
 from worker.commands import CommandError, Handler, lookup
 from worker.config import Settings
 from worker.metrics import Metrics
@@ -613,16 +613,13 @@ class Consumer:
                     ),
                 )
             )
-        results = await asyncio.gather(
-            *(self.broker.publish(out) for _, out in sends), return_exceptions=True
-        )
-        for (item, _), result in zip(sends, results, strict=True):
-            if isinstance(result, PublishFailed):
-                item.fail("transient", "publish", str(result))
-            elif isinstance(result, BaseException):
-                item.fail("transient", "publish", _describe(result))
-            else:
-                self.metrics.receipts_published.inc()
+        failures = await self.broker.publish_many([out for _, out in sends])
+        for (item, _), failed in zip(sends, failures, strict=True):
+            if failed is not None:
+                item.fail("transient", "publish", str(failed))
+        confirmed = failures.count(None)
+        if confirmed:
+            self.metrics.receipts_published.inc(confirmed)
 
     # --- settling: the one place that decides ----------------------------------------------
 
@@ -636,12 +633,10 @@ class Consumer:
                 for job in item.jobs:
                     self._pending_arrivals.setdefault(job.cid, datetime.fromtimestamp(now, UTC))
             copies.append((item, *self._successor(item, now)))
-        results = await asyncio.gather(
-            *(self.broker.publish(out) for _, out, _ in copies), return_exceptions=True
-        )
+        results = await self.broker.publish_many([out for _, out, _ in copies])
         unsettled: set[int] = set()
         for (item, out, outcome), result in zip(copies, results, strict=True):
-            if isinstance(result, BaseException):
+            if result is not None:
                 # the successor is not confirmed, so the original must stay: back to the queue
                 unsettled.add(id(item))
                 self.log.error(
