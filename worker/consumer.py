@@ -31,11 +31,10 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
 from structlog.typing import FilteringBoundLogger
 
 from worker import store, topology
-from worker.broker import Broker, Outgoing, copy_of
+from worker.broker import Broker, Incoming, Outgoing, copy_of
 from worker.commands import CommandError, Handler, lookup
 from worker.config import Settings
 from worker.metrics import Metrics
@@ -109,7 +108,7 @@ class Job:
 class Item:
     """One delivered message and what became of it."""
 
-    msg: AbstractIncomingMessage
+    msg: Incoming
     channel: Any
     received: float
     attempt: int = 0
@@ -125,7 +124,7 @@ class Item:
             self.failure, self.reason, self.error = kind, reason, error
 
 
-def _attempt(msg: AbstractIncomingMessage, tiers: int) -> int:
+def _attempt(msg: Incoming, tiers: int) -> int:
     """The worker's own attempt counter; clamped, since headers are the sender's to write."""
     raw = (msg.headers or {}).get(topology.H_ATTEMPT)
     try:
@@ -255,8 +254,12 @@ class Consumer:
 
     # --- consuming -------------------------------------------------------------------------
 
-    async def on_message(self, msg: AbstractIncomingMessage) -> None:
-        """aio-pika's callback: buffer the delivery (no awaiting: tags stay in order)."""
+    async def on_message(self, msg: Incoming) -> None:
+        """Take a delivery (tests hand in messages fetched with ``basic.get``)."""
+        self.deliver(msg)
+
+    def deliver(self, msg: Incoming) -> None:
+        """The broker's callback: buffer the delivery (synchronous: tags stay in order)."""
         channel = msg.channel
         assert msg.delivery_tag is not None
         self._acks.received(channel, msg.delivery_tag)
@@ -275,7 +278,7 @@ class Consumer:
     async def start(self) -> None:
         """Start the batch loop and subscribe to the inbox."""
         self._loop_task = asyncio.create_task(self._loop(), name="forge-worker-batches")
-        await self.broker.start_consuming(self.on_message, self.settings.prefetch)
+        await self.broker.start_consuming(self.deliver, self.settings.prefetch)
 
     async def stop(self, drain_within: float) -> bool:
         """Stop consuming, finish what was delivered (within ``drain_within`` s), stop the loop.

@@ -86,3 +86,56 @@ def test_a_copy_keeps_the_properties_and_drops_the_brokers_death_history() -> No
         when,
     )
     assert out.headers == {"app": "hilt", topology.H_REASON: "undecodable"}
+
+
+def test_a_delivery_reads_what_the_consumer_uses_off_aiormqs_frames() -> None:
+    from datetime import UTC, datetime
+
+    from aiormq.abc import DeliveredMessage
+    from pamqp import commands as spec
+    from pamqp.header import ContentHeader
+
+    from worker.broker import Delivery, copy_of
+
+    when = datetime(2026, 11, 25, tzinfo=UTC)
+    props = spec.Basic.Properties(
+        headers={"forge-attempt": 2},
+        reply_to="r",
+        correlation_id="c",
+        message_id="m",
+        timestamp=when,
+        content_type="application/vnd.ipld.dag-cbor",
+        content_encoding="identity",
+        message_type="t",
+        app_id="a",
+    )
+    channel = object()
+    raw = DeliveredMessage(
+        delivery=spec.Basic.Deliver(consumer_tag="ct", delivery_tag=7, redelivered=True),
+        header=ContentHeader(properties=props, body_size=4),
+        body=b"body",
+        channel=channel,  # type: ignore[arg-type]
+    )
+    d = Delivery(raw)
+    assert (d.body, d.channel, d.delivery_tag, d.redelivered) == (b"body", channel, 7, True)
+    assert (d.reply_to, d.correlation_id, d.message_id, d.timestamp) == ("r", "c", "m", when)
+    assert (d.content_type, d.content_encoding, d.type, d.app_id) == (
+        "application/vnd.ipld.dag-cbor",
+        "identity",
+        "t",
+        "a",
+    )
+    assert d.headers == {"forge-attempt": 2}
+    assert _attempt(d, 3) == 2
+    out = copy_of(d, "q.dlq", {"forge-reason": "x"})
+    assert (out.reply_to, out.message_id, out.type, out.app_id) == ("r", "m", "t", "a")
+    assert out.headers == {"forge-attempt": 2, "forge-reason": "x"}
+    bare = Delivery(
+        DeliveredMessage(
+            delivery=spec.Basic.Deliver(consumer_tag="ct", delivery_tag=8),
+            header=ContentHeader(properties=spec.Basic.Properties(), body_size=0),
+            body=b"",
+            channel=channel,  # type: ignore[arg-type]
+        )
+    )
+    assert bare.headers == {} and bare.reply_to is None and bare.redelivered is False
