@@ -6,6 +6,10 @@ the decoded value, re-encoded by cbor2 in the order it was read, must give back 
 byte for byte. That catches non-minimal integers and lengths, floats that are not float64,
 ``undefined`` and other simple values, and trailing bytes, at C speed. Map keys may come in
 any order (Go's ``sort.Strings`` order for ``details`` in Hilt's ``/customer/add``).
+
+Links are read as plain ``CBORTag`` values first and made CIDs after the checks, which
+spares a Python call per link on decode and on re-encode; any input that path is not
+sure of goes through the reference path, so both give the same values and errors.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, Final
 
 import cbor2
 
-from worker.ucan.cid import CID
+from worker.ucan.cid import CID, wrap
 from worker.ucan.errors import DecodeError
 
 #: default bound on nesting (arrays and maps)
@@ -47,7 +51,7 @@ def _decode_link(value: Any, _immutable: bool) -> CID:
     if type(value) is not bytes or not value or value[0] != 0:
         raise DecodeError("cannot decode dag-cbor: tag 42 must hold 0x00-prefixed bytes")
     if len(value) == 37 and value.startswith(_CIDV1_SHA256):  # the usual CID: no parsing
-        return CID(value[1:])
+        return wrap(value[1:])
     return CID.from_bytes(value[1:])
 
 
@@ -122,6 +126,96 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     Raises:
         DecodeError: anything DAG-CBOR forbids (bar key order), or more nesting than allowed.
     """
+    # The fast path answers only when it can tell the strict path would give the same
+    # value or the same error; anything unusual is decoded again by the strict path, which
+    # runs outside the handlers here so that its errors chain nothing from the fast one.
+    # Large inputs go to the strict path only: decoding them twice would cost too much.
+    if len(data) > _FAST_MAX:
+        return _decode_strict(data, max_depth)
+    try:
+        value = cbor2.loads(
+            data,
+            semantic_decoders=_SEMANTIC_FAST,
+            max_depth=max_depth,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+        )
+        links = _links(value)
+        again = cbor2.dumps(value) if links is not None else None
+    except Exception:
+        links = again = None
+    if links is None or again is None:
+        return _decode_strict(data, max_depth)
+    if again != data:
+        if links:
+            return _decode_strict(data, max_depth)
+        # no tags: the strict path would decode, check and re-encode exactly this value
+        raise DecodeError(_why_not_canonical(data, again))
+    try:
+        for container in links:
+            _resolve_links(container)
+    except DecodeError:
+        links = None
+    return value if links is not None else _decode_strict(data, max_depth)
+
+
+#: the strict path's semantic decoders but for tag 42, which the fast path reads as a
+#: ``CBORTag`` (no Python call per link on decode or encode) and turns into a CID after
+_SEMANTIC_FAST: Final[Mapping[int, Any]] = {t: f for t, f in _SEMANTIC.items() if t != 42}
+_PLAIN: Final = frozenset((str, bytes, int, bool, type(None)))
+_FAST_MAX: Final = 1 << 16
+
+
+def _links(value: Any) -> list[Any] | None:
+    """The maps and arrays of a fast-decoded value that hold tag 42, or ``None`` when it
+    holds anything the strict path has to judge: another tag, a non-text key, a float
+    that is not finite, a simple value, a link at the top."""
+    t = type(value)
+    if t is not dict and t is not list:
+        return [] if t in _PLAIN or (t is float and math.isfinite(value)) else None
+    plain, tag = _PLAIN, cbor2.CBORTag
+    found: list[Any] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if type(v) is dict:
+            if v and set(map(type, v)) != _TEXT_KEYS:
+                return None
+            items: Iterable[Any] = v.values()
+        else:
+            items = v
+        tagged = False
+        for x in items:
+            t = type(x)
+            if t in plain:
+                continue
+            if t is dict or t is list:
+                stack.append(x)
+            elif t is tag and x.tag == 42:
+                tagged = True
+            elif t is not float or not math.isfinite(x):
+                return None
+        if tagged:
+            found.append(v)
+    return found
+
+
+def _resolve_links(container: Any) -> None:
+    """Replace the tag-42 values of one map or array by CIDs, as the strict path reads them."""
+    tag = cbor2.CBORTag
+    if type(container) is list:
+        for i, x in enumerate(container):
+            if type(x) is tag:
+                container[i] = _decode_link(x.value, False)
+        return
+    for k, x in container.items():
+        if type(x) is tag:
+            container[k] = _decode_link(x.value, False)  # a new value, not a new key
+
+
+def _decode_strict(data: bytes, max_depth: int) -> Any:
+    """The reference decoder: every check in the order that names the first fault."""
     try:
         value = cbor2.loads(
             data,
@@ -238,6 +332,8 @@ def encode_link(cid: CID) -> bytes:
 
 def head(major: int, n: int) -> bytes:
     """A minimal CBOR head of major type ``major`` with argument ``n``."""
+    if 0 <= n < 0x100 and 0 <= major < 8:
+        return _HEADS[major][n]
     m = major << 5
     if n < 24:
         return bytes((m | n,))
@@ -248,6 +344,14 @@ def head(major: int, n: int) -> bytes:
     if n < 0x100000000:
         return bytes((m | 26,)) + n.to_bytes(4, "big")
     return bytes((m | 27,)) + n.to_bytes(8, "big")
+
+
+#: heads with arguments below 256 by major type: lengths, counts and small integers
+#: take one of these in every token the worker writes
+_HEADS: Final = tuple(
+    tuple(bytes((m << 5 | n,)) if n < 24 else bytes((m << 5 | 24, n)) for n in range(0x100))
+    for m in range(8)
+)
 
 
 def encode_map_raw(entries: Mapping[str, bytes]) -> bytes:

@@ -7,6 +7,7 @@ a task's CID hashes ``{cmd, sub, args, nonce}`` with ``args`` copied verbatim.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -95,8 +96,27 @@ class Delegation(Token):
     nbf: int | None
 
 
+def _slot_setters(cls: type) -> tuple[Any, ...]:
+    """The slot descriptors' setters of a frozen dataclass, in ``__init__`` order."""
+    assert not hasattr(cls, "__post_init__")  # _new_invocation would skip it
+    return tuple(getattr(cls, f.name).__set__ for f in dataclasses.fields(cls))
+
+
+_INVOCATION_SETTERS: Final = _slot_setters(Invocation)
+
+
+def _new_invocation(values: tuple[Any, ...]) -> Invocation:
+    """``Invocation(*values)`` in two thirds of the time: the generated ``__init__`` of a
+    frozen dataclass sets each field through ``object.__setattr__``."""
+    inv = object.__new__(Invocation)
+    for set_field, value in zip(_INVOCATION_SETTERS, values, strict=True):
+        set_field(inv, value)
+    return inv
+
+
 #: decoded delegations by their bytes: the same proof rides along with many invocations,
-#: and decoding is a pure function of the bytes (treat the values as read-only)
+#: and decoding is a pure function of the bytes (treat the values as read-only); least
+#: recently used first, so a flood of new delegations does not evict a busy client's proof
 _DELEGATIONS: Final[dict[bytes, Delegation]] = {}
 _DELEGATIONS_MAX: Final = 1024
 #: only small delegations are kept (Hilt's are a few hundred bytes): decoding happens before
@@ -180,20 +200,22 @@ def decode_token(raw: bytes, *, max_size: int = cbor.MAX_SIZE) -> Invocation | D
         DecodeError: not a token we can read (including a varsig header other than
             Ed25519 + DAG-CBOR, and tags other than ``ucan/{inv,dlg}@1.0.0[-rc.1]``).
     """
-    if not isinstance(raw, bytes | bytearray | memoryview):
-        raise DecodeError("cannot decode token: expected bytes")
-    raw = bytes(raw)
+    if type(raw) is not bytes:
+        if not isinstance(raw, bytes | bytearray | memoryview):
+            raise DecodeError("cannot decode token: expected bytes")
+        raw = bytes(raw)
     if len(raw) > max_size:
         raise DecodeError(f"cannot decode token: {len(raw)} bytes exceeds the limit of {max_size}")
     if not raw or raw[0] != 0x82:
         raise DecodeError("cannot decode token: not a 2-element array [signature, payload]")
-    cached = _DELEGATIONS.get(raw)
+    cached = _DELEGATIONS.pop(raw, None)
     if cached is not None:
+        _DELEGATIONS[raw] = cached  # most recently used last: evicted last
         return cached
-    sig, header, tag, payload = _split(cbor.decode(raw))
+    sig, header, tag, payload = _decode_envelope(raw)
     check_header(header)
-    offset = 1 + len(cbor.head(2, len(sig))) + len(sig)
-    payload_raw = raw[offset:]
+    n = len(sig)
+    payload_raw = raw[1 + _head_size(n) + n :]
     cid = CID.dag_cbor(raw)
     iss = _did(payload, "iss", required=True)
     assert iss is not None
@@ -209,7 +231,7 @@ def decode_token(raw: bytes, *, max_size: int = cbor.MAX_SIZE) -> Invocation | D
         raise DecodeError("cannot decode token: 'args' must be a map")
     args_raw = cbor.reencode(args)
     prf = payload.get("prf", [])
-    if type(prf) is not list or any(type(p) is not CID for p in prf):
+    if type(prf) is not list or (prf and set(map(type, prf)) != _ONLY_CIDS):
         raise DecodeError("cannot decode token: 'prf' must be an array of links")
     cause = payload.get("cause")
     if cause is not None and type(cause) is not CID:
@@ -223,10 +245,63 @@ def decode_token(raw: bytes, *, max_size: int = cbor.MAX_SIZE) -> Invocation | D
         parsed = _receipt_args(args)
         if parsed is not None:
             return Receipt(*fields, *parsed)
-    return Invocation(*fields)
+    return _new_invocation(fields)
+
+
+_ONLY_CIDS: Final = {CID}
+
+
+def _head_size(n: int) -> int:
+    """The length of the minimal CBOR head for argument ``n``."""
+    if n < 24:
+        return 1
+    if n < 0x100:
+        return 2
+    if n < 0x10000:
+        return 3
+    return 5 if n < 0x100000000 else 9
 
 
 _Common = tuple[bytes, CID, str, bytes, bytes, bytes, str]
+
+
+#: a token as ucantone writes it, up to its payload:
+#: 82 | 58 40 sig[3:67] | a2 61 "h" 48 header[71:79] 73 tag[80:99] | payload[99:]
+_ENVELOPE_HEAD: Final = b"\x82" + cbor.head(2, 64)
+_SIG_PAYLOAD_HEAD: Final = b"\xa2\x61h" + cbor.head(2, 8) + ED25519_DAG_CBOR + cbor.head(3, 19)
+_TAGS_19: Final = {t.encode(): t for t in INVOCATION_TAGS | DELEGATION_TAGS if len(t) == 19}
+_PAYLOAD_AT: Final = 99
+#: the payload sits inside an array and a map: two levels of nesting
+_PAYLOAD_DEPTH: Final = 2
+#: larger tokens are decoded whole: when the payload is not valid the whole token is
+#: decoded again for its error, and that should cost little
+_SPLIT_MAX: Final = 1 << 16
+assert len(_ENVELOPE_HEAD) + 64 + len(_SIG_PAYLOAD_HEAD) + 19 == _PAYLOAD_AT
+
+
+def _decode_envelope(raw: bytes) -> tuple[bytes, bytes, str, dict[str, Any]]:
+    """``_split(cbor.decode(raw))``, decoding only the payload when the bytes before it are
+    the usual ones: they are then canonical, so the whole token is valid DAG-CBOR exactly
+    when its payload is (with two levels less nesting), and decodes to the same values.
+
+    Raises:
+        DecodeError: as ``cbor.decode`` and :func:`_split` do.
+    """
+    if (
+        len(raw) <= _SPLIT_MAX
+        and raw.startswith(_ENVELOPE_HEAD)
+        and raw.startswith(_SIG_PAYLOAD_HEAD, 67)
+        and (tag := _TAGS_19.get(raw[80:99])) is not None
+    ):
+        try:
+            payload = cbor.decode(raw[_PAYLOAD_AT:], max_depth=cbor.MAX_DEPTH - _PAYLOAD_DEPTH)
+        except DecodeError:
+            pass  # decoded whole below, for the error message (offsets are in the token)
+        else:
+            if type(payload) is not dict:
+                raise DecodeError(f"cannot decode token: {tag!r:.60} payload must be a map")
+            return raw[3:67], raw[71:79], tag, payload
+    return _split(cbor.decode(raw))
 
 
 def _split(value: Any) -> tuple[bytes, bytes, str, dict[str, Any]]:
@@ -289,9 +364,9 @@ def _check_args(args_raw: bytes) -> None:
 
 
 def _sign(signer: Signer, tag: str, payload: bytes) -> bytes:
-    sig_payload = _SIG_PAYLOAD_PREFIX + cbor.encode_text(tag) + payload
+    sig_payload = b"".join((_SIG_PAYLOAD_PREFIX, cbor.encode_text(tag), payload))
     sig = signer.sign(sig_payload)
-    return b"\x82" + cbor.head(2, len(sig)) + sig + sig_payload
+    return b"".join((b"\x82", cbor.head(2, len(sig)), sig, sig_payload))
 
 
 def encode_invocation(
