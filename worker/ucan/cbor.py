@@ -204,14 +204,14 @@ def _links(value: Any) -> list[Any] | None:
 def _resolve_links(container: Any) -> None:
     """Replace the tag-42 values of one map or array by CIDs, as the strict path reads them."""
     tag = cbor2.CBORTag
-    if type(container) is list:
-        for i, x in enumerate(container):
-            if type(x) is tag:
-                container[i] = _decode_link(x.value, False)
-        return
-    for k, x in container.items():
+    pairs = enumerate(container) if type(container) is list else container.items()
+    for k, x in pairs:
         if type(x) is tag:
-            container[k] = _decode_link(x.value, False)  # a new value, not a new key
+            v = x.value
+            if type(v) is bytes and len(v) == 37 and v.startswith(_CIDV1_SHA256):
+                container[k] = wrap(v[1:])  # what _decode_link gives, without the call
+            else:
+                container[k] = _decode_link(v, False)  # a new value, not a new key
 
 
 def _decode_strict(data: bytes, max_depth: int) -> Any:

@@ -182,7 +182,13 @@ def _split_container(data: bytes) -> list[bytes] | None:
             return None
         tokens = []
         for _ in range(count):
-            n, pos = _head(data, pos, 0x40)
+            if data[pos] == 0x59:  # the usual token: 256 to 65,535 bytes
+                n = data[pos + 1] << 8 | data[pos + 2]
+                pos += 3
+                if n < 0x100:
+                    return None
+            else:
+                n, pos = _head(data, pos, 0x40)
             if n < 0 or pos + n > end:
                 return None
             tokens.append(data[pos : pos + n])

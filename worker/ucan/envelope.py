@@ -109,7 +109,7 @@ def _new_invocation(values: tuple[Any, ...]) -> Invocation:
     """``Invocation(*values)`` in two thirds of the time: the generated ``__init__`` of a
     frozen dataclass sets each field through ``object.__setattr__``."""
     inv = object.__new__(Invocation)
-    for set_field, value in zip(_INVOCATION_SETTERS, values, strict=True):
+    for set_field, value in zip(_INVOCATION_SETTERS, values):  # noqa: B905 - always as long
         set_field(inv, value)
     return inv
 

@@ -317,6 +317,9 @@ def test_decoded_invocation_equals_one_built_by_its_constructor() -> None:
         "a166" + b"ctn-v1".hex() + "80",
         "a166" + b"ctn-v1".hex() + "9800",  # non-minimal count
         "a166" + b"ctn-v1".hex() + "81580141",  # non-minimal length
+        "a166" + b"ctn-v1".hex() + "8159000541" + "00" * 4,  # non-minimal 2-byte length
+        "a166" + b"ctn-v1".hex() + "815a00000005" + "00" * 5,  # non-minimal 4-byte length
+        "a166" + b"ctn-v1".hex() + "82590100" + "00" * 256 + "40",  # 256 bytes, then none
         "a166" + b"ctn-v1".hex() + "8141",  # truncated
         "a166" + b"ctn-v1".hex() + "814100",  # trailing byte
         "a166" + b"ctn-v1".hex() + "810a",  # not bytes
