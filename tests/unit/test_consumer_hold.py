@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -116,11 +117,46 @@ async def test_a_batch_is_bounded_by_body_bytes_and_keeps_delivery_order(
     big = consumer_mod.MAX_BATCH_BYTES // 3 + 1  # three of these do not fit in one batch
     sizes = [big, big, big, 10, big * 3, 10, 10]
     for n, size in enumerate(sizes):
-        c._queue.put_nowait(delivery(size, n))
+        c._buffer.append(delivery(size, n))
     batches = [await c.next_batch() for _ in range(4)]
     assert [[_n(i) for i in b] for b in batches] == [[0, 1], [2, 3], [4], [5, 6]]
     assert all(
         sum(len(i.msg.body) for i in b) <= consumer_mod.MAX_BATCH_BYTES or len(b) == 1
         for b in batches
     )
-    assert c._carry is None and c._queue.empty()
+    assert c._carry is None and not c._buffer
+
+
+def _arrived(n: int) -> Item:
+    msg: Any = SimpleNamespace(redelivered=False, headers={}, body=b"x", n=n)
+    return Item(msg, channel=None, received=time.monotonic())
+
+
+async def test_the_next_batch_forms_at_once_when_idle_or_full_else_after_the_batch_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(consumer_mod, "BATCH_WAIT", 0.2)
+    c = make(FlakyPool(), monkeypatch, hold=1)
+    # nothing in flight: a lone delivery goes at once
+    c._buffer.append(_arrived(0))
+    await asyncio.wait_for(c._batch_ready(), timeout=0.1)
+    assert len(c._take()) == 1
+
+    in_flight: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    c._batches.add(in_flight)  # type: ignore[arg-type]  # stands in for a batch task
+    # a batch in flight and a full batch waiting: at once
+    for n in range(c._fill):
+        c._buffer.append(_arrived(n))
+    await asyncio.wait_for(c._batch_ready(), timeout=0.1)
+    assert len(c._take()) == c._fill
+
+    # a batch in flight and one delivery: it waits for company, BATCH_WAIT at most
+    c._buffer.append(_arrived(0))
+    started = time.monotonic()
+    waiting = asyncio.create_task(c._batch_ready())
+    await asyncio.sleep(0)
+    c._buffer.append(_arrived(1))  # company that does not fill the batch
+    await asyncio.wait_for(waiting, timeout=5)
+    assert time.monotonic() - started >= 0.2
+    assert [_n(i) for i in c._take()] == [0, 1]
+    in_flight.cancel()
