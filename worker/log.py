@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import structlog
@@ -12,6 +14,29 @@ from structlog.typing import FilteringBoundLogger
 
 #: keys whose values are never written, whatever a caller binds
 _SECRET_KEYS: Final = frozenset({"key", "service_key", "secret", "seed", "private_key", "password"})
+
+
+class _Timestamp:
+    """``timestamp``: ISO 8601 UTC with microseconds (``2026-11-25T01:02:03.456789Z``), the
+    date and seconds formatted once a second: structlog's ``TimeStamper`` formats a whole
+    ``datetime`` per event, a third of what a log line costs the worker."""
+
+    __slots__ = ("_cached",)
+
+    def __init__(self) -> None:
+        self._cached: tuple[int, str] = (-1, "")
+
+    def __call__(
+        self, _: Any, __: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        now = time.time()
+        second = int(now)
+        cached_second, prefix = self._cached  # (one tuple: consistent across threads)
+        if second != cached_second:
+            prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._cached = (second, prefix)
+        event["timestamp"] = f"{prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
 
 
 def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -44,13 +69,13 @@ def configure(log_format: str = "json", level: int = logging.INFO) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _Timestamp(),
             _drop_secrets,
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     # libraries (aio-pika, aiormq, asyncpg) log through the stdlib: keep their warnings,
@@ -62,7 +87,7 @@ def configure(log_format: str = "json", level: int = logging.INFO) -> None:
             foreign_pre_chain=[
                 structlog.stdlib.add_log_level,
                 structlog.stdlib.add_logger_name,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                _Timestamp(),
                 _drop_secrets,
                 structlog.processors.format_exc_info,
             ],

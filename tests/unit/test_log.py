@@ -56,3 +56,24 @@ def test_library_records_are_json_lines_too(capsys: pytest.CaptureFixture[str]) 
     event = json.loads(lines[0])
     assert event["event"] == "cannot connect" and event["logger"] == "aiormq.connection"
     assert event["level"] == "error" and "ConnectionError: refused" in event["exception"]
+
+
+def test_timestamps_are_utc_iso_8601_with_microseconds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import re
+    import time
+    from datetime import datetime
+
+    log.configure("json")
+    before = time.time()
+    for _ in range(3):
+        log.get_logger().info("something_happened")
+    after = time.time()
+    stamps = [json.loads(line)["timestamp"] for line in capsys.readouterr().err.splitlines()]
+    assert len(stamps) == 3
+    for stamp in stamps:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+        at = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        assert before - 1e-6 <= at <= after + 1e-6
+    assert stamps == sorted(stamps)
