@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import warnings
 from typing import Any
 
 import asyncpg
@@ -389,11 +390,25 @@ _glob_chars = st.sampled_from(list("ab*?[]{},!-\\"))
 @given(st.text(_glob_chars, max_size=10), st.text(st.sampled_from("ab-*?[]{},!\\\n"), max_size=8))
 def test_like_agrees_with_the_regex_reading(pattern: str, text: str) -> None:
     try:
-        oracle = re.compile(old_glob_regex(pattern)[0], re.DOTALL)
+        with warnings.catch_warnings():
+            # a class such as ``[?--]`` makes re warn of a possible future set syntax: the
+            # oracle is today's reading, which is the one being compared against
+            warnings.simplefilter("ignore", FutureWarning)
+            oracle = re.compile(old_glob_regex(pattern)[0], re.DOTALL)
     except (re.error, RecursionError):
         assert not like(pattern, text)  # what did not compile matches nothing
         return
     assert like(pattern, text) == (oracle.fullmatch(text) is not None), (pattern, text)
+
+
+def test_a_class_re_would_warn_about_neither_warns_nor_raises() -> None:
+    # ``--`` in a class makes re emit a FutureWarning (an error under pytest's filters): a
+    # pattern from a delegation must neither write to stderr nor escape as an exception
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not like("[b--]x", "-x")  # a range from b down to -: bad, matches nothing
+        assert like("[--b]y", "ay")  # from - up to b
+        assert not like("[--b]y", "cy")
 
 
 # --- sizes ----------------------------------------------------------------------------------
