@@ -381,17 +381,6 @@ class Broker:
         underlay = getattr(getattr(ch, "_channel", None), "channel", None)
         return self._consumer_tag in getattr(underlay, "consumers", {})
 
-    async def publish(self, out: Outgoing, *, confirm_within: float = PUBLISH_TIMEOUT) -> None:
-        """Publish persistent and ``mandatory`` and wait for the broker's confirm.
-
-        Raises:
-            PublishFailed: nacked, returned (no such queue), not confirmed in time, or the
-                channel was lost; whether the broker kept it is then unknown.
-        """
-        [failed] = await self.publish_many([out], confirm_within=confirm_within)
-        if failed is not None:
-            raise failed
-
     async def publish_many(
         self, outs: Sequence[Outgoing], *, confirm_within: float = PUBLISH_TIMEOUT
     ) -> list[PublishFailed | None]:
