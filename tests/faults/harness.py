@@ -655,6 +655,11 @@ class FaultRig:
         """Log events ``name`` (with ``fields``) over every worker of the rig."""
         return sum(w.events(name, **fields) for w in self.workers)
 
+    async def committed_ahead(self) -> bool:
+        """Whether the ledger holds tasks whose receipts the collector has not seen yet
+        (work committed and not yet confirmed, so not yet acked)."""
+        return (await self.counts()).ledger > len(self.collector.answered)
+
     def answered_from_ledger(self) -> int:
         """Invocations the workers answered with a stored receipt instead of executing."""
         return self.events("invocation_answered", outcome="duplicate")

@@ -25,7 +25,14 @@ async def test_broker_cut_mid_stream_loses_nothing_and_repeats_nothing(rig: Faul
 
     # cut while the stream is flowing: some answered, most not yet
     await rig.collector.wait_count(50)
+    # hold the broker traffic back so that work committed now cannot be acked before the cut
+    # (see the kill test): the cut then surely catches committed-but-unacked messages
+    rig.amqp_proxy.delay(0.5)
+    await poll_until(
+        rig.committed_ahead, within=10, what="work committed whose receipts have not arrived"
+    )
     assert rig.amqp_proxy.cut() == 2
+    rig.amqp_proxy.delay(0)
     assert len(rig.collector.answered) < len(requests), "the stream ended before the cut"
 
     # each worker reconnects by itself and its consumer is back

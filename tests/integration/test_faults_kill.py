@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.harness import FaultRig
+from tests.faults.harness import FaultRig, poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,17 @@ async def test_sigkill_mid_stream_loses_nothing_and_repeats_no_effect(rig: Fault
 
     for at in (100, 300):  # two kills, each mid-stream, each followed by a restart
         await rig.collector.wait_count(at)
+        # hold the worker's broker traffic back, so what it commits now cannot be confirmed
+        # and acked before the kill: the kill then surely catches committed-but-unacked work
+        # (a fast worker otherwise often has everything it committed acked already)
+        rig.amqp_proxy.delay(0.5)
+        await poll_until(
+            rig.committed_ahead,
+            within=10,
+            what="work committed whose receipts have not arrived",
+        )
         await worker.kill()
+        rig.amqp_proxy.delay(0)
         assert worker.proc is not None and worker.proc.returncode == -9
         assert len(rig.collector.answered) < len(requests), "the stream ended before the kill"
         # the dead worker's connection is gone (so the consumer count below is the new one's)
