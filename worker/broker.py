@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -60,17 +60,10 @@ async def publish_confirmed(
     Raises:
         PublishFailed: with ``kind`` returned, nacked, timeout or lost.
     """
-    with _publish_failures(routing_key, timeout):
+    try:
         await channel.default_exchange.publish(
             message, routing_key, mandatory=True, timeout=timeout
         )
-
-
-@contextlib.contextmanager
-def _publish_failures(routing_key: str, timeout: float) -> Iterator[None]:
-    """Turns aiormq's ways of failing a publish into :class:`PublishFailed`."""
-    try:
-        yield
     except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
         raise as_publish_failed(exc, routing_key, timeout) from None
 

@@ -257,10 +257,6 @@ class Consumer:
 
     # --- consuming -------------------------------------------------------------------------
 
-    async def on_message(self, msg: Incoming) -> None:
-        """Take a delivery (tests hand in messages fetched with ``basic.get``)."""
-        self.deliver(msg)
-
     def deliver(self, msg: Incoming) -> None:
         """The broker's callback: buffer the delivery (synchronous: tags stay in order)."""
         channel = msg.channel

@@ -77,7 +77,7 @@ async def take(consumer: Consumer, n: int) -> None:
     for _ in range(n):
         msg = await consumer.broker.inbox.get(no_ack=False, fail=True, timeout=5)
         assert msg is not None
-        await consumer.on_message(msg)
+        consumer.deliver(msg)
 
 
 async def test_a_batch_applies_one_customer_in_message_order_and_a_bad_row_fails_alone(

@@ -313,7 +313,7 @@ async def test_a_message_that_breaks_validation_fails_alone(
         for _ in customers:  # one batch of three, deterministically
             got = await broker.inbox.get(no_ack=False, fail=True, timeout=5)
             assert got is not None
-            await consumer.on_message(got)
+            consumer.deliver(got)
         batch = [consumer._buffer.popleft() for _ in customers]
         await consumer.process(batch)
         await collector.until({replies.name: 3}, 15)
