@@ -42,9 +42,12 @@ from typing import Any, cast
 
 import _common as c
 import aio_pika
+import aiormq
+import aiormq.abc
 import uvloop
+from aiormq import spec
 
-from worker import topology
+from worker import batch_publish, topology
 
 REPLY_BYTES = b"r" * 300
 PRODUCT = "did:web:hilt.fil-forge.com"
@@ -218,7 +221,7 @@ def _spawn_echo(url: str, queue: str) -> subprocess.Popen[bytes]:
 
 
 async def echo_latency(
-    url: str, prefix: str, body: bytes, rate: float, seconds: float, warmup: float
+    url: str, prefix: str, body: bytes, rate: float, seconds: float, warmup: float, tick: float
 ) -> dict[str, Any]:
     """Latency of the raw loop (a) at ``rate``: what broker and machine alone give."""
     queue, reply = f"{prefix}.echo", f"{prefix}.echo.reply"
@@ -233,7 +236,8 @@ async def echo_latency(
     try:
         await asyncio.sleep(1.5)
         bodies = [body] * int(rate * (seconds + warmup))
-        return await latency(url, queue, reply, bodies, rate, warmup)
+        groups = {"rabbit": c.pids_by_comm("beam.smp"), "echo": [proc.pid]}
+        return await latency(url, queue, reply, bodies, rate, warmup, None, groups, tick)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -560,57 +564,77 @@ async def latency(
     rate: float,
     warmup: float,
     series: Path | None = None,
+    meter_groups: dict[str, list[int]] | None = None,
+    tick: float = 0.002,
 ) -> dict[str, Any]:
-    """Publish ``bodies`` at ``rate``/s; publish -> receipt latency after ``warmup`` seconds."""
+    """Publish ``bodies`` at ``rate``/s; publish -> receipt latency after ``warmup`` seconds.
+
+    Every ``tick`` seconds the requests that have fallen due are written at once, each with
+    a publisher confirm (``worker.batch_publish``); receipts are read without acks. The
+    generator talks aiormq directly because it shares the cores with what it measures: its
+    CPU is reported (``cores.bench``) and is mostly wake-ups, so a coarser tick costs less.
+    With ``meter_groups`` the CPU of those processes over the measured window is reported.
+    """
     n = len(bodies)
     sent: list[float] = [0.0] * n
     recv: list[float] = [0.0] * n
-    conn = await aio_pika.connect(url)
+    conn = await aiormq.connect(url)
+    meter = c.CpuMeter()
     try:
         cch = await conn.channel()
-        await cch.set_qos(prefetch_count=1000)
-        rq = await cch.declare_queue(reply, passive=True)
         got = 0
         done = asyncio.Event()
+        clock = time.perf_counter
 
-        async def on_receipt(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async def on_receipt(msg: aiormq.abc.DeliveredMessage) -> None:
             nonlocal got
-            recv[int(msg.correlation_id or 0)] = time.perf_counter()
+            recv[int(msg.header.properties.correlation_id or 0)] = clock()
             got += 1
             if got >= n:
                 done.set()
 
-        tag = await rq.consume(on_receipt, no_ack=True)
+        await cch.basic_consume(reply, on_receipt, no_ack=True)
         pch = await conn.channel(publisher_confirms=True)
-        ex = pch.default_exchange
+        assert batch_publish.supported(pch)
         pending: set[asyncio.Future[Any]] = set()
-        t0 = time.perf_counter()
+        failed: list[BaseException] = []
+
+        def confirmed(fut: asyncio.Future[list[BaseException | None]]) -> None:
+            pending.discard(fut)
+            failed.extend(e for e in fut.result() if e is not None)
+
+        t0 = clock()
         i = 0
+        skip = int(warmup * rate)
         while i < n:
-            due = min(n, int((time.perf_counter() - t0) * rate) + 1)
-            while i < due:
-                msg = aio_pika.Message(
-                    bodies[i],
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    correlation_id=str(i),
-                    message_id=f"lat-{i}",
-                    reply_to=reply,
-                )
-                sent[i] = time.perf_counter()
-                fut = asyncio.ensure_future(ex.publish(msg, routing_key=queue))
+            if i >= skip and not meter.groups and meter_groups is not None:
+                meter.start({**meter_groups, "bench": [os.getpid()]})
+            due = min(n, int((clock() - t0) * rate) + 1)
+            if due > i:
+                now = clock()
+                batch = []
+                for j in range(i, due):
+                    props = spec.Basic.Properties(
+                        delivery_mode=2,
+                        correlation_id=str(j),
+                        message_id=f"lat-{j}",
+                        reply_to=reply,
+                    )
+                    batch.append((queue, bodies[j], props))
+                    sent[j] = now
+                fut = asyncio.ensure_future(batch_publish.publish_batch(pch, batch, timeout=60))
                 pending.add(fut)
-                fut.add_done_callback(pending.discard)
-                i += 1
-            await asyncio.sleep(0.002)
-        publish_s = time.perf_counter() - t0
+                fut.add_done_callback(confirmed)
+                i = due
+            await asyncio.sleep(tick)
+        publish_s = clock() - t0
         await asyncio.gather(*pending)
-        try:
-            await asyncio.wait_for(done.wait(), timeout=120)
-        finally:
-            await rq.cancel(tag)
+        if failed:
+            raise RuntimeError(f"{len(failed)} requests were not confirmed: {failed[0]!r}")
+        await asyncio.wait_for(done.wait(), timeout=120)
+        cores = meter.stop({"pg": c.pids_by_comm("postgres")}) if meter.groups else {}
     finally:
         await conn.close()
-    skip = int(warmup * rate)
     if series is not None:
         _write_series(series, sent, recv)
     lat = [(recv[j] - sent[j]) * 1000 for j in range(skip, n) if recv[j]]
@@ -624,6 +648,8 @@ async def latency(
         "p90_ms": round(c.percentile(lat, 90), 2),
         "p99_ms": round(c.percentile(lat, 99), 2),
         "max_ms": round(lat[-1], 2) if lat else float("nan"),
+        "tick_ms": round(tick * 1000, 3),
+        "cores": cores,
     }
 
 
@@ -737,7 +763,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await wait_consumers(one)
             await asyncio.sleep(1)
             csv = c.RESULTS / f"latency-{rid}.csv"
-            lt = await latency(url, one.queue, one.reply, lat_bodies, rate, args.warmup, csv)
+            lt = await latency(
+                url,
+                one.queue,
+                one.reply,
+                lat_bodies,
+                rate,
+                args.warmup,
+                csv,
+                {**groups, "worker": one.pids()},
+                args.tick / 1000,
+            )
             del lat_bodies
             lt["rss_mb"] = one.hwm_mb()
             rss = max(rss, *lt["rss_mb"])
@@ -745,7 +781,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             print(f"latency: {lt}", flush=True)
             queues += [f"{prefix}.echo", f"{prefix}.echo.reply"]
             ref = await echo_latency(
-                url, prefix, os.urandom(size), rate, args.latency_seconds, args.warmup
+                url,
+                prefix,
+                os.urandom(size),
+                rate,
+                args.latency_seconds,
+                args.warmup,
+                args.tick / 1000,
             )
             print(f"latency of the raw loop at the same load: {ref}", flush=True)
             result["latency_raw_loop"] = ref
@@ -907,6 +949,8 @@ def print_table(r: dict[str, Any]) -> None:
             ),
             ("", f"{r['p99_ms']}", f"ms p99 (max {lt['max_ms']} ms, {lt['samples']} samples)"),
         ]
+        if lt.get("cores"):
+            rows.append(("", f"{lt.get('tick_ms')}", f"ms tick; cores {lt['cores']}"))
         if "latency_raw_loop" in r:
             ref = r["latency_raw_loop"]
             rows.append(
@@ -916,6 +960,7 @@ def print_table(r: dict[str, Any]) -> None:
                     "ms p50 / p99: the broker and machine alone",
                 )
             )
+            rows.append(("", "", f"cores {ref.get('cores')}"))
         rows.append(("peak RSS, 1 process (VmHWM)", f"{r['rss_mb']}", "MB"))
     print()
     print(fmt_row(("measure", "value", "unit / notes"), w))
@@ -948,6 +993,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--latency-seconds", type=float, default=10.0, help="latency run after warm-up; 0 skips it"
     )
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of latency run not counted")
+    p.add_argument(
+        "--tick",
+        type=float,
+        default=2.0,
+        help="ms between the latency load generator's writes (each holds what fell due)",
+    )
     p.add_argument(
         "--rate", type=float, default=None, help="latency offered load (default: half of the drain)"
     )
