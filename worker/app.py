@@ -134,7 +134,10 @@ async def _end_stragglers(stragglers: set[asyncio.Future[Any]]) -> None:
 async def _migrate(pool: asyncpg.Pool) -> list[store.Migration]:
     try:
         async with pool.acquire() as conn:
-            return await store.migrate(conn)
+            try:
+                return await store.migrate(conn)
+            finally:  # the pool does not reset session state (see store.create_pool)
+                await conn.reset()
     except store.CONNECTION_ERRORS as exc:
         raise Unreachable(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
 

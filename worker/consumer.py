@@ -563,9 +563,8 @@ class Consumer:
         # the task's receipt (it was valid then); never a header
         late = [j for j in jobs if j.error is not None and j.error[0] in _TIME_ERRORS]
         ledger: dict[str, tuple[bytes, datetime]] = {}
-        if jobs:
-            ledger = await store.stored_receipts(conn, {j.task for j in jobs})
         if late:
+            ledger = await store.stored_receipts(conn, {j.task for j in late})
             first = await store.first_arrivals(conn, [j.cid for j in late])
             for job in late:
                 seen = [t for t in (first.get(job.cid), ledger.get(job.task, (b"", None))[1]) if t]
@@ -581,14 +580,17 @@ class Consumer:
                 job.receipt, job.duplicate = ledger[job.task][0], True
             elif job.task not in new:
                 new[job.task] = job
+        # signed before the ledger is read (in the same round trip as the insert): a task
+        # the ledger holds already (a redelivery) costs one signature that is thrown away
         iat = int(now)
         for job in new.values():
             job.receipt = build_receipt(self.signer, ran=job.inv.task_cid, iat=iat)
-        inserted = await store.insert_receipts(
+        inserted, held = await store.claim_receipts(
             conn, [(t, j.cid, j.receipt) for t, j in sorted(new.items()) if j.receipt]
         )
-        lost = [t for t in new if t not in inserted]
-        if lost:  # another worker stored these tasks first: answer with its bytes
+        ledger.update(held)
+        lost = [t for t in new if t not in inserted and t not in ledger]
+        if lost:  # another worker stored these tasks meanwhile: answer with its bytes
             ledger.update(await store.stored_receipts(conn, lost))
         by_handler: dict[str, list[object]] = {}
         handlers: dict[str, Handler] = {}

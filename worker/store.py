@@ -47,11 +47,19 @@ _RECORD: Final = f"INSERT INTO {SCHEMA}.schema_migrations (version, name) VALUES
 SELECT_RECEIPTS: Final = f"""
 SELECT task_cid, receipt, created_at FROM {SCHEMA}.receipts WHERE task_cid = ANY($1::text[])
 """
-INSERT_RECEIPTS: Final = f"""
-INSERT INTO {SCHEMA}.receipts (task_cid, invocation_cid, receipt)
-SELECT t, i, r FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(t, i, r) ORDER BY t
-ON CONFLICT (task_cid) DO NOTHING
-RETURNING task_cid
+#: inserts the receipts of tasks not in the ledger and, in the same round trip, reads the
+#: receipts the ledger held before: the query reads the snapshot the statement started
+#: from, so it never sees the rows its own CTE inserts (a row is one or the other)
+CLAIM_RECEIPTS: Final = f"""
+WITH claimed AS (
+    INSERT INTO {SCHEMA}.receipts (task_cid, invocation_cid, receipt)
+    SELECT t, i, r FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(t, i, r) ORDER BY t
+    ON CONFLICT (task_cid) DO NOTHING
+    RETURNING task_cid
+)
+SELECT task_cid, NULL::bytea AS receipt, NULL::timestamptz AS created_at FROM claimed
+UNION ALL
+SELECT task_cid, receipt, created_at FROM {SCHEMA}.receipts WHERE task_cid = ANY($1::text[])
 """
 INSERT_ARRIVALS: Final = f"""
 INSERT INTO {SCHEMA}.arrivals (invocation_cid, first_seen_at)
@@ -124,11 +132,23 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset: nothing beyond what asyncpg always does on release (roll back an
+    open transaction). Its default also sends ``RESET ALL``, ``UNLISTEN *``, ``CLOSE ALL``
+    and unlocks advisory locks: one more round trip for every batch, to undo session state
+    the worker never sets. (Migrations take an advisory lock and reset their connection.)"""
+
+
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
     """An asyncpg pool; a database that cannot be reached raises :class:`Unreachable`."""
     try:
         pool: asyncpg.Pool = await asyncpg.create_pool(
-            database_url, min_size=min_size, max_size=max_size, timeout=10, command_timeout=30
+            database_url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=10,
+            command_timeout=30,
+            reset=_keep_session,
         )
     except (*CONNECTION_ERRORS, asyncpg.exceptions.InvalidCatalogNameError) as exc:
         raise Unreachable(f"cannot reach the database: {_describe(exc)}") from None
@@ -150,18 +170,26 @@ async def stored_receipts(
     return {r["task_cid"]: (bytes(r["receipt"]), r["created_at"]) for r in rows}
 
 
-async def insert_receipts(
+async def claim_receipts(
     conn: asyncpg.Connection, rows: Sequence[tuple[str, str, bytes]]
-) -> set[str]:
-    """Insert (task CID, invocation CID, receipt) rows; returns the task CIDs inserted.
+) -> tuple[set[str], dict[str, tuple[bytes, datetime]]]:
+    """Insert (task CID, invocation CID, receipt) rows in one round trip.
 
-    A task another transaction stored first is left alone (and is not in the result).
+    Returns the task CIDs inserted, and task CID -> (receipt bytes, when stored) for those
+    the ledger already held. A task that is in neither was stored by a transaction that
+    committed after this statement began (another worker): :func:`stored_receipts` reads it.
     """
     if not rows:
-        return set()
+        return set(), {}
     tasks, invs, receipts = zip(*rows, strict=True)
-    got = await conn.fetch(INSERT_RECEIPTS, list(tasks), list(invs), list(receipts))
-    return {r["task_cid"] for r in got}
+    got = await conn.fetch(CLAIM_RECEIPTS, list(tasks), list(invs), list(receipts))
+    inserted = {r["task_cid"] for r in got if r["receipt"] is None}
+    held = {
+        r["task_cid"]: (bytes(r["receipt"]), r["created_at"])
+        for r in got
+        if r["receipt"] is not None
+    }
+    return inserted, held
 
 
 async def record_arrivals(conn: asyncpg.Connection, arrivals: dict[str, datetime]) -> None:

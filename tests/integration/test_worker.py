@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -19,7 +20,7 @@ from tests.integration.conftest import (
 )
 from worker import topology
 from worker.app import App
-from worker.ucan import Signer, encode
+from worker.ucan import Signer, build_receipt, encode
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +93,44 @@ async def test_duplicate_delivery_answers_byte_identically_without_a_second_writ
     assert before is not None and after is not None
     assert after["updated_at"] == before["updated_at"]  # not executed again
     assert await count(database_url, "SELECT count(*) FROM forge_worker.receipts") == 1
+    assert worker.metrics.duplicates._value.get() == 1
+
+
+async def test_a_task_another_worker_stores_meanwhile_is_answered_with_its_receipt(
+    worker: App, requester: Requester, service: Signer, agent: Signer, database_url: str
+) -> None:
+    """Two workers got the same task: the one whose ledger insert waited on the other's
+    row answers with the other's stored receipt, byte for byte, and applies nothing."""
+    dlg = delegation(service, agent)
+    customer = "did:plc:racing0000000000000000001"
+    inv = invocation(agent, service.did, customer=customer, proofs=[dlg])
+    theirs = build_receipt(service, ran=task_of(inv), iat=int(time.time()) - 5)
+    other = await asyncpg.connect(database_url)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(
+            "INSERT INTO forge_worker.receipts (task_cid, invocation_cid, receipt)"
+            " VALUES ($1, 'stored-by-another-worker', $2)",
+            str(task_of(inv)),
+            theirs,
+        )
+        reply_to = await requester.reply_queue()
+        await requester.publish(container(inv, dlg), reply_to=reply_to)
+        # the worker's insert now waits on that row (Postgres shows it, it has no event)
+        while not await count(  # noqa: ASYNC110
+            database_url,
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        ):
+            await asyncio.sleep(0.01)
+        await tx.commit()
+    finally:
+        await other.close()
+    msg = await requester.next(reply_to)
+
+    assert msg.body == container(theirs)
+    assert await customer_row(database_url, customer) is None  # the other one's to apply
     assert worker.metrics.duplicates._value.get() == 1
 
 
