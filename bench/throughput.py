@@ -14,8 +14,9 @@ b. **drain**: ``forge-worker run`` (uvloop) drains a backlog of N pre-signed ``/
    reply queue by polling its depth; the time runs from the first consume (the inbox depth
    drops) to the last receipt. Repeated with two worker processes (competing consumers).
 c. **latency**: the same single worker at a steady offered load of half of (b): requests
-   are published at a fixed rate and each receipt's arrival is matched to its request by
-   ``correlation_id``; p50/p99 are taken after a warm-up.
+   are published at a fixed rate (what fell due, every ``--tick`` ms, in one write) and each
+   receipt's arrival is matched to its request by ``correlation_id``; p50/p99 are taken
+   after a warm-up. The raw loop of (a) is then driven the same way, as a reference.
 d. **RSS**: the worker's peak resident set size (``VmHWM``) after (b) and (c).
 
 Prints a table and writes ``bench/results/throughput.json``. See ``bench/README.md``.
