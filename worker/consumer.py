@@ -472,8 +472,8 @@ class Consumer:
                 return
             try:
                 async with asyncio.timeout(DB_TIMEOUT):
-                    async with self.pool.acquire() as conn, conn.transaction():
-                        await self._transaction(conn, live, arrivals, now)
+                    async with self.pool.acquire() as conn:
+                        await self._write(conn, live, arrivals, now)
                 self._flushed(arrivals)
                 return
             except Exception as exc:
@@ -496,8 +496,8 @@ class Consumer:
         for item in live:
             try:
                 async with asyncio.timeout(DB_TIMEOUT):
-                    async with self.pool.acquire() as conn, conn.transaction():
-                        await self._transaction(conn, [item], arrivals, now)
+                    async with self.pool.acquire() as conn:
+                        await self._write(conn, [item], arrivals, now)
                 self._flushed(arrivals)
             except Exception as exc:
                 self._reset([item])
@@ -550,62 +550,79 @@ class Consumer:
         for cid in arrivals:
             self._pending_arrivals.pop(cid, None)
 
-    async def _transaction(
+    async def _write(
         self,
         conn: asyncpg.Connection,
         items: list[Item],
         arrivals: dict[str, datetime],
         now: float,
     ) -> None:
-        await store.record_arrivals(conn, arrivals)
+        """The batch's database work: one statement (the ledger and the commands' effects,
+        see ``store.claim_receipts``), in a transaction only when arrivals are recorded or
+        time bounds re-checked first (retries and redeliveries)."""
         jobs = [j for i in items for j in i.jobs]
         # time bounds as of the first arrival: the arrivals table, or when the ledger stored
         # the task's receipt (it was valid then); never a header
         late = [j for j in jobs if j.error is not None and j.error[0] in _TIME_ERRORS]
-        ledger: dict[str, tuple[bytes, datetime]] = {}
-        if late:
-            ledger = await store.stored_receipts(conn, {j.task for j in late})
-            first = await store.first_arrivals(conn, [j.cid for j in late])
-            for job in late:
-                seen = [t for t in (first.get(job.cid), ledger.get(job.task, (b"", None))[1]) if t]
-                if seen:
-                    previous = job.error
-                    self._validate(job, min(seen).timestamp(), self._proofs_of(items, job))
-                    if job.error is not None:
-                        job.error = previous
+        if not arrivals and not late:
+            await self._claim(conn, jobs, {}, now)
+            return
+        async with conn.transaction():
+            await store.record_arrivals(conn, arrivals)
+            ledger: dict[str, tuple[bytes, datetime]] = {}
+            if late:
+                ledger = await store.stored_receipts(conn, {j.task for j in late})
+                first = await store.first_arrivals(conn, [j.cid for j in late])
+                for job in late:
+                    times = (first.get(job.cid), ledger.get(job.task, (b"", None))[1])
+                    seen = [t for t in times if t]
+                    if seen:
+                        previous = job.error
+                        self._validate(job, min(seen).timestamp(), self._proofs_of(items, job))
+                        if job.error is not None:
+                            job.error = previous
+            await self._claim(conn, jobs, ledger, now)
+
+    async def _claim(
+        self,
+        conn: asyncpg.Connection,
+        jobs: list[Job],
+        ledger: dict[str, tuple[bytes, datetime]],
+        now: float,
+    ) -> None:
         valid = [j for j in jobs if j.error is None]
-        new: dict[str, Job] = {}
+        new: dict[str, Job] = {}  # the first job of each task, in message order
         for job in valid:
             if job.task in ledger:
                 job.receipt, job.duplicate = ledger[job.task][0], True
             elif job.task not in new:
                 new[job.task] = job
-        # signed before the ledger is read (in the same round trip as the insert): a task
-        # the ledger holds already (a redelivery) costs one signature that is thrown away
+        # signed before the ledger is read (in the same statement as the insert): a task the
+        # ledger holds already (a redelivery) costs one signature that is thrown away
         iat = int(now)
-        for job in new.values():
+        by_handler: dict[str, list[tuple[str, object]]] = {}
+        handlers: dict[str, Handler] = {}
+        for task, job in new.items():
             job.receipt = build_receipt(self.signer, ran=job.inv.task_cid, iat=iat)
+            assert job.handler is not None
+            handlers[job.handler.COMMAND] = job.handler
+            by_handler.setdefault(job.handler.COMMAND, []).append((task, job.prepared))
+        effects = [
+            (handlers[c].EFFECT, handlers[c].effect_args(it)) for c, it in by_handler.items()
+        ]
         inserted, held = await store.claim_receipts(
-            conn, [(t, j.cid, j.receipt) for t, j in sorted(new.items()) if j.receipt]
+            conn, [(t, j.cid, j.receipt) for t, j in sorted(new.items()) if j.receipt], effects
         )
         ledger.update(held)
         lost = [t for t in new if t not in inserted and t not in ledger]
         if lost:  # another worker stored these tasks meanwhile: answer with its bytes
             ledger.update(await store.stored_receipts(conn, lost))
-        by_handler: dict[str, list[object]] = {}
-        handlers: dict[str, Handler] = {}
         for job in valid:
-            if job.duplicate:
+            if job.duplicate or (job.task in inserted and new.get(job.task) is job):
                 continue
-            if job.task in inserted and new.get(job.task) is job:
-                assert job.handler is not None
-                handlers[job.handler.COMMAND] = job.handler
-                by_handler.setdefault(job.handler.COMMAND, []).append(job.prepared)
-            else:  # a repeat of a task within this batch, or stored by another worker
-                job.duplicate = True
-                job.receipt = ledger[job.task][0] if job.task in ledger else new[job.task].receipt
-        for command, prepared in by_handler.items():
-            await handlers[command].apply(conn, prepared)
+            # a task the ledger held, a repeat within this batch, or stored by another worker
+            job.duplicate = True
+            job.receipt = ledger[job.task][0] if job.task in ledger else new[job.task].receipt
 
     @staticmethod
     def _proofs_of(items: list[Item], job: Job) -> Any:

@@ -47,16 +47,19 @@ _RECORD: Final = f"INSERT INTO {SCHEMA}.schema_migrations (version, name) VALUES
 SELECT_RECEIPTS: Final = f"""
 SELECT task_cid, receipt, created_at FROM {SCHEMA}.receipts WHERE task_cid = ANY($1::text[])
 """
-#: inserts the receipts of tasks not in the ledger and, in the same round trip, reads the
-#: receipts the ledger held before: the query reads the snapshot the statement started
-#: from, so it never sees the rows its own CTE inserts (a row is one or the other)
-CLAIM_RECEIPTS: Final = f"""
+#: a batch's write, one statement: insert the receipts of tasks not in the ledger, apply
+#: the commands' effects to the tasks that insert took (CTEs that read ``claimed``, see
+#: ``worker.commands``), and return the receipts the ledger held before. The query reads
+#: the snapshot the statement started from, so it never sees the rows its own CTE inserts
+#: (a task is one or the other). One statement is one transaction: no BEGIN or COMMIT.
+_CLAIM_HEAD: Final = f"""
 WITH claimed AS (
     INSERT INTO {SCHEMA}.receipts (task_cid, invocation_cid, receipt)
     SELECT t, i, r FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(t, i, r) ORDER BY t
     ON CONFLICT (task_cid) DO NOTHING
     RETURNING task_cid
-)
+)"""
+_CLAIM_TAIL: Final = f"""
 SELECT task_cid, NULL::bytea AS receipt, NULL::timestamptz AS created_at FROM claimed
 UNION ALL
 SELECT task_cid, receipt, created_at FROM {SCHEMA}.receipts WHERE task_cid = ANY($1::text[])
@@ -170,10 +173,26 @@ async def stored_receipts(
     return {r["task_cid"]: (bytes(r["receipt"]), r["created_at"]) for r in rows}
 
 
+def claim_statement(effects: Sequence[tuple[str, Sequence[object]]]) -> tuple[str, int]:
+    """The statement of :func:`claim_receipts` with ``effects`` (SQL with ``{0}``…
+    placeholders, and their arguments) as CTEs; returns it and its parameter count."""
+    parts = [_CLAIM_HEAD]
+    n = 3
+    for k, (sql, args) in enumerate(effects):
+        placeholders = [f"${n + i + 1}" for i in range(len(args))]
+        parts.append(f",\neffect_{k} AS ({sql.format(*placeholders)})")
+        n += len(args)
+    parts.append(_CLAIM_TAIL)
+    return "".join(parts), n
+
+
 async def claim_receipts(
-    conn: asyncpg.Connection, rows: Sequence[tuple[str, str, bytes]]
+    conn: asyncpg.Connection,
+    rows: Sequence[tuple[str, str, bytes]],
+    effects: Sequence[tuple[str, Sequence[object]]] = (),
 ) -> tuple[set[str], dict[str, tuple[bytes, datetime]]]:
-    """Insert (task CID, invocation CID, receipt) rows in one round trip.
+    """Insert (task CID, invocation CID, receipt) rows and apply ``effects`` to the tasks
+    inserted, in one statement (one round trip, atomic without a transaction).
 
     Returns the task CIDs inserted, and task CID -> (receipt bytes, when stored) for those
     the ledger already held. A task that is in neither was stored by a transaction that
@@ -182,7 +201,11 @@ async def claim_receipts(
     if not rows:
         return set(), {}
     tasks, invs, receipts = zip(*rows, strict=True)
-    got = await conn.fetch(CLAIM_RECEIPTS, list(tasks), list(invs), list(receipts))
+    query, _ = claim_statement(effects)
+    args: list[object] = [list(tasks), list(invs), list(receipts)]
+    for _, more in effects:
+        args.extend(more)
+    got = await conn.fetch(query, *args)
     inserted = {r["task_cid"] for r in got if r["receipt"] is None}
     held = {
         r["task_cid"]: (bytes(r["receipt"]), r["created_at"])

@@ -9,6 +9,8 @@ import asyncpg
 import pytest
 
 from worker import store
+from worker.commands import customer_add
+from worker.commands.customer_add import AddArguments
 
 
 @pytest.fixture
@@ -84,3 +86,50 @@ async def test_the_pool_still_rolls_back_what_a_released_connection_left_open(
     async with pool.acquire() as again:
         assert not again.is_in_transaction()
         assert await store.stored_receipts(again, ["t1"]) == {}
+
+
+async def customers(conn: asyncpg.Connection) -> dict[str, tuple[str, str | None, str | None]]:
+    rows = await conn.fetch("SELECT customer, product, external_account, details FROM customer")
+    return {r["customer"]: (r["product"], r["external_account"], r["details"]) for r in rows}
+
+
+def ledger_row(task: str) -> tuple[str, str, bytes]:
+    return (task, f"inv-{task}", f"receipt-{task}".encode())
+
+
+async def test_the_effect_applies_the_claimed_tasks_once_each_as_in_message_order(
+    pool: asyncpg.Pool,
+) -> None:
+    a = AddArguments("did:plc:b", "did:web:p1", {"k": "1"}, "acct-1")
+    b = AddArguments("did:plc:b", "did:web:p2", {}, None)  # keeps acct-1, empties details
+    c = AddArguments("did:plc:a", "did:web:p3", {}, "acct-3")
+    stored = AddArguments("did:plc:b", "did:web:stored", {"k": "s"}, "acct-s")
+    items = [("t0", stored), ("t1", a), ("t2", b), ("t3", c)]
+    effect = [(customer_add.EFFECT, customer_add.effect_args(items))]
+    async with pool.acquire() as conn:
+        await store.claim_receipts(conn, [ledger_row("t0")])  # t0 answered before
+        inserted, held = await store.claim_receipts(
+            conn, [ledger_row(t) for t, _ in sorted(items)], effect
+        )
+        assert inserted == {"t1", "t2", "t3"} and set(held) == {"t0"}
+        assert await customers(conn) == {
+            "did:plc:a": ("did:web:p3", "acct-3", None),
+            "did:plc:b": ("did:web:p2", "acct-1", None),
+        }
+
+        # a later batch: a given externalAccount replaces, details are replaced, and a
+        # task already in the ledger (t1 again) takes no effect
+        d = AddArguments("did:plc:b", "did:web:p4", {"k": "4"}, "acct-4")
+        items = [("t4", d), ("t1", a)]
+        effect = [(customer_add.EFFECT, customer_add.effect_args(items))]
+        inserted, held = await store.claim_receipts(
+            conn, [ledger_row(t) for t, _ in sorted(items)], effect
+        )
+        assert inserted == {"t4"} and set(held) == {"t1"}
+        assert (await customers(conn))["did:plc:b"] == ("did:web:p4", "acct-4", '{"k": "4"}')
+
+
+def test_effects_are_numbered_after_the_ledger_parameters() -> None:
+    query, count = store.claim_statement([("SELECT {0}, {1}", [1, 2]), ("SELECT {0}", [3])])
+    assert count == 6
+    assert "effect_0 AS (SELECT $4, $5)" in query and "effect_1 AS (SELECT $6)" in query

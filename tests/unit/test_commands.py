@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from worker.commands import CommandError, customer_add, lookup
-from worker.commands.customer_add import AddArguments, details_json, merge, parse_arguments
+from worker.commands.customer_add import AddArguments, details_json, parse_arguments
 
 GOOD: dict[str, Any] = {
     "customer": "did:plc:abc",
@@ -60,16 +60,6 @@ def test_the_subject_must_be_the_service() -> None:
     assert err.value.name == "InvalidCustomerSubject"
     ok: Any = SimpleNamespace(sub="did:web:upload.example", args=GOOD)
     assert customer_add.prepare(ok, "did:web:upload.example").customer == "did:plc:abc"
-
-
-def test_merge_equals_applying_in_message_order() -> None:
-    a = AddArguments("did:plc:b", "did:web:p1", {"k": "1"}, "acct-1")
-    b = AddArguments("did:plc:b", "did:web:p2", {}, None)
-    c = AddArguments("did:plc:a", "did:web:p3", {}, "acct-3")
-    d = AddArguments("did:plc:b", "did:web:p4", {"k": "4"}, "acct-4")
-    assert merge([a, b, c]) == [c, AddArguments("did:plc:b", "did:web:p2", {}, "acct-1")]
-    assert merge([a, b, d])[-1] == d  # a later externalAccount replaces
-    assert [r.customer for r in merge([a, c])] == ["did:plc:a", "did:plc:b"]  # sorted
 
 
 def test_details_are_a_json_object_or_null() -> None:

@@ -35,7 +35,7 @@ class FlakyPool:
         if self.down:
             self.refused.set()
             raise ConnectionRefusedError("connection refused")
-        yield SimpleNamespace(transaction=contextlib.nullcontext)
+        yield SimpleNamespace()
 
 
 def make(pool: FlakyPool, monkeypatch: pytest.MonkeyPatch, hold: float) -> Consumer:
@@ -52,7 +52,7 @@ def make(pool: FlakyPool, monkeypatch: pytest.MonkeyPatch, hold: float) -> Consu
     async def transaction(conn: Any, live: Any, arrivals: Any, now: float) -> None:
         pool.transactions += 1
 
-    monkeypatch.setattr(c, "_transaction", transaction)
+    monkeypatch.setattr(c, "_write", transaction)
     monkeypatch.setattr(store_mod, "ping", lambda _pool: _answer(not pool.down))
     return c
 

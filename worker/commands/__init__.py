@@ -1,13 +1,18 @@
 """The command registry: a UCAN command string -> the module that handles it.
 
-A handler module has ``COMMAND`` (its command string) and two functions:
+A handler module has ``COMMAND`` (its command string), and:
 
 ``prepare(inv, service_did) -> object``
     pure: checks the invocation for this command (its subject, its arguments) and returns
-    what ``apply`` needs; raises :class:`CommandError` (answered with an error receipt).
-``async apply(conn, items) -> None``
-    runs inside the batch's transaction with every prepared item of the batch for this
-    command, in message order, and applies them set-based. Each item's outcome is ``{ok: {}}``.
+    what the effect needs; raises :class:`CommandError` (answered with an error receipt).
+``EFFECT``
+    the SQL of one data-modifying statement that applies a batch's prepared items
+    set-based. It runs in the same statement as the receipt ledger's insert, as a CTE that
+    can read ``claimed(task_cid)``: the tasks that insert took, so only they take effect,
+    atomically with their receipts. Its parameters are written ``{0}``, ``{1}``, ...
+``effect_args(items) -> list``
+    those parameters for ``(task CID, prepared item)`` pairs in message order. Each item's
+    outcome is ``{ok: {}}``.
 """
 
 from __future__ import annotations
@@ -15,8 +20,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Final, Protocol
-
-import asyncpg
 
 from worker.commands import customer_add
 from worker.commands.base import CommandError
@@ -27,10 +30,11 @@ class Handler(Protocol):
     """What a handler module provides (see the module docstring)."""
 
     COMMAND: str
+    EFFECT: str
 
     def prepare(self, inv: Invocation, service_did: str) -> object: ...
 
-    async def apply(self, conn: asyncpg.Connection, items: Sequence[object]) -> None: ...
+    def effect_args(self, items: Sequence[tuple[str, object]]) -> list[object]: ...
 
 
 _MODULES: Final[tuple[ModuleType, ...]] = (customer_add,)

@@ -7,23 +7,33 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import asyncpg
-
 from worker.commands.base import CommandError
 from worker.ucan import Invocation
 
 COMMAND: Final = "/customer/add"
 
-#: product and details replaced; external_account replaced when given, kept when absent;
-#: inserted_at kept; updated_at set. Rows are sorted by customer so that concurrent
-#: workers lock them in the same order and cannot deadlock.
-UPSERT: Final = """
+#: Runs in the batch's one statement, after the receipt ledger's insert (``claimed`` holds
+#: the tasks it inserted): the customers of those tasks only, one row per customer, equal to
+#: applying them in message order (``ord``): product and details those of the last,
+#: external_account the last one given (kept when none is), inserted_at kept, updated_at
+#: set. Rows are sorted by customer so that concurrent workers lock them in the same order
+#: and cannot deadlock. ``{0}``… are this statement's parameters (see ``effect_args``).
+EFFECT: Final = """
 INSERT INTO public.customer AS c
     (customer, external_account, product, details, inserted_at, updated_at)
-SELECT u.customer, u.external_account, u.product, u.details, now(), now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
-    AS u(customer, external_account, product, details)
-ORDER BY u.customer
+SELECT m.customer, m.external_account, m.product, m.details, now(), now()
+FROM (
+    SELECT u.customer,
+        (array_agg(u.product ORDER BY u.ord DESC))[1] AS product,
+        (array_agg(u.details ORDER BY u.ord DESC))[1] AS details,
+        (array_agg(u.external_account ORDER BY u.ord DESC)
+            FILTER (WHERE u.external_account IS NOT NULL))[1] AS external_account
+    FROM unnest({0}::text[], {1}::text[], {2}::text[], {3}::text[], {4}::jsonb[])
+        WITH ORDINALITY AS u(task, customer, external_account, product, details, ord)
+    WHERE u.task IN (SELECT task_cid FROM claimed)
+    GROUP BY u.customer
+) AS m
+ORDER BY m.customer
 ON CONFLICT (customer) DO UPDATE SET
     product = EXCLUDED.product,
     details = EXCLUDED.details,
@@ -100,32 +110,18 @@ def prepare(inv: Invocation, service_did: str) -> AddArguments:
     return parse_arguments(inv.args)
 
 
-def merge(items: Sequence[AddArguments]) -> list[AddArguments]:
-    """One row per customer, sorted by customer, equal to applying ``items`` in order."""
-    rows: dict[str, AddArguments] = {}
-    for item in items:
-        before = rows.get(item.customer)
-        external = item.external_account
-        if external is None and before is not None:
-            external = before.external_account
-        rows[item.customer] = AddArguments(item.customer, item.product, item.details, external)
-    return [rows[c] for c in sorted(rows)]
-
-
 def details_json(details: Mapping[str, str]) -> str | None:
     """``details`` as stored: a JSON object, or NULL when empty."""
     return json.dumps(dict(details), ensure_ascii=False, sort_keys=True) if details else None
 
 
-async def apply(conn: asyncpg.Connection, items: Sequence[object]) -> None:
-    """Upsert every customer of ``items`` (in message order) in one statement."""
-    rows = merge([i for i in items if isinstance(i, AddArguments)])
-    if not rows:
-        return
-    await conn.execute(
-        UPSERT,
-        [r.customer for r in rows],
-        [r.external_account for r in rows],
-        [r.product for r in rows],
-        [details_json(r.details) for r in rows],
-    )
+def effect_args(items: Sequence[tuple[str, object]]) -> list[object]:
+    """The parameters of :data:`EFFECT` for ``(task CID, prepared)`` in message order."""
+    rows = [(task, a) for task, a in items if isinstance(a, AddArguments)]
+    return [
+        [task for task, _ in rows],
+        [a.customer for _, a in rows],
+        [a.external_account for _, a in rows],
+        [a.product for _, a in rows],
+        [details_json(a.details) for _, a in rows],
+    ]
