@@ -655,10 +655,19 @@ class FaultRig:
         """Log events ``name`` (with ``fields``) over every worker of the rig."""
         return sum(w.events(name, **fields) for w in self.workers)
 
-    async def committed_ahead(self) -> bool:
+    async def committed_ahead(self, since: int = 0) -> bool:
         """Whether the ledger holds tasks whose receipts the collector has not seen yet
-        (work committed and not yet confirmed, so not yet acked)."""
-        return (await self.counts()).ledger > len(self.collector.answered)
+        (work committed and not yet confirmed, so not yet acked), and more than ``since``.
+
+        Pass the ledger's count from when the broker traffic was held back (see
+        :meth:`ledger_count`): only work committed after that is surely unconfirmed; work
+        committed before may be acked already, its receipts only slow to reach the collector.
+        """
+        return (await self.counts()).ledger > max(since, len(self.collector.answered))
+
+    async def ledger_count(self) -> int:
+        """Tasks in the receipt ledger now."""
+        return (await self.counts()).ledger
 
     def answered_from_ledger(self) -> int:
         """Invocations the workers answered with a stored receipt instead of executing."""

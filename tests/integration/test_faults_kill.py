@@ -3,6 +3,8 @@ each task's effect happened once, and repeated receipts are byte-identical."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from tests.faults.harness import FaultRig, poll_until
@@ -22,8 +24,9 @@ async def test_sigkill_mid_stream_loses_nothing_and_repeats_no_effect(rig: Fault
         # and acked before the kill: the kill then surely catches committed-but-unacked work
         # (a fast worker otherwise often has everything it committed acked already)
         rig.amqp_proxy.delay(0.5)
+        held_at = await rig.ledger_count()  # what is committed after this is unconfirmed
         await poll_until(
-            rig.committed_ahead,
+            functools.partial(rig.committed_ahead, since=held_at),
             within=10,
             what="work committed whose receipts have not arrived",
         )
