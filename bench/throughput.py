@@ -173,16 +173,21 @@ async def ceiling_once(url: str, queue: str, reply: str, bodies: Sequence[bytes]
         await conn.close()
 
 
-async def measure_ceiling(url: str, prefix: str, body_size: int, n: int, runs: int) -> list[float]:
-    """Median-worthy ceiling runs on a quorum queue with a quorum reply queue."""
-    queue, reply = f"{prefix}.ceil", f"{prefix}.ceil.reply"
+async def declare_quorum_queues(url: str, *names: str) -> None:
+    """Durable quorum queues (the raw loop's request and reply queues)."""
     conn = await aio_pika.connect(url)
     try:
         ch = await conn.channel()
-        for name in (queue, reply):
+        for name in names:
             await ch.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
     finally:
         await conn.close()
+
+
+async def measure_ceiling(url: str, prefix: str, body_size: int, n: int, runs: int) -> list[float]:
+    """Median-worthy ceiling runs on a quorum queue with a quorum reply queue."""
+    queue, reply = f"{prefix}.ceil", f"{prefix}.ceil.reply"
+    await declare_quorum_queues(url, queue, reply)
     body = os.urandom(body_size)
     rates = []
     for _ in range(runs):
@@ -226,13 +231,7 @@ async def echo_latency(
 ) -> dict[str, Any]:
     """Latency of the raw loop (a) at ``rate``: what broker and machine alone give."""
     queue, reply = f"{prefix}.echo", f"{prefix}.echo.reply"
-    conn = await aio_pika.connect(url)
-    try:
-        ch = await conn.channel()
-        for name in (queue, reply):
-            await ch.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
-    finally:
-        await conn.close()
+    await declare_quorum_queues(url, queue, reply)
     proc = _spawn_echo(url, queue)
     try:
         await asyncio.sleep(1.5)

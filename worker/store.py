@@ -173,9 +173,9 @@ async def stored_receipts(
     return {r["task_cid"]: (bytes(r["receipt"]), r["created_at"]) for r in rows}
 
 
-def claim_statement(effects: Sequence[tuple[str, Sequence[object]]]) -> tuple[str, int]:
+def claim_statement(effects: Sequence[tuple[str, Sequence[object]]]) -> str:
     """The statement of :func:`claim_receipts` with ``effects`` (SQL with ``{0}``…
-    placeholders, and their arguments) as CTEs; returns it and its parameter count."""
+    placeholders, and their arguments) as CTEs, numbered after the ledger's three."""
     parts = [_CLAIM_HEAD]
     n = 3
     for k, (sql, args) in enumerate(effects):
@@ -183,7 +183,7 @@ def claim_statement(effects: Sequence[tuple[str, Sequence[object]]]) -> tuple[st
         parts.append(f",\neffect_{k} AS ({sql.format(*placeholders)})")
         n += len(args)
     parts.append(_CLAIM_TAIL)
-    return "".join(parts), n
+    return "".join(parts)
 
 
 async def claim_receipts(
@@ -201,7 +201,7 @@ async def claim_receipts(
     if not rows:
         return set(), {}
     tasks, invs, receipts = zip(*rows, strict=True)
-    query, _ = claim_statement(effects)
+    query = claim_statement(effects)
     args: list[object] = [list(tasks), list(invs), list(receipts)]
     for _, more in effects:
         args.extend(more)
