@@ -151,18 +151,24 @@ def cpu_seconds(pid: int) -> float:
 
 def busy_cores(seconds: float = 2.0) -> float:
     """Cores the whole machine kept busy over the next ``seconds`` (blocking)."""
-    b0, t0 = machine_busy_seconds()
+    b0, t0, _ = machine_cpu_seconds()
     time.sleep(seconds)
-    b1, t1 = machine_busy_seconds()
+    b1, t1, _ = machine_cpu_seconds()
     return (b1 - b0) / (t1 - t0) * (os.cpu_count() or 1) if t1 > t0 else 0.0
 
 
-def machine_busy_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine from /proc/stat."""
+def machine_cpu_seconds() -> tuple[float, float, float]:
+    """(busy, total, steal) CPU seconds of the whole machine from /proc/stat (busy counts
+    steal).
+
+    Steal is time the hypervisor gave this VM's runnable vCPUs to someone else: on a shared
+    VM it is part of the noise a latency run sees, so it is reported on its own.
+    """
     parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
     total = sum(parts[:8])
-    return (total - idle) / _TCK, total / _TCK
+    steal = parts[7] if len(parts) > 7 else 0
+    return (total - idle) / _TCK, total / _TCK, steal / _TCK
 
 
 @dataclass
@@ -172,13 +178,13 @@ class CpuMeter:
     groups: dict[str, Sequence[int]] = field(default_factory=dict)
     _start: dict[int, float] = field(default_factory=dict)
     _t0: float = 0.0
-    _m0: tuple[float, float] = (0.0, 0.0)
+    _m0: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def start(self, groups: dict[str, Sequence[int]]) -> None:
         self.groups = groups
         self._start = {p: cpu_seconds(p) for pids in groups.values() for p in pids}
         self._t0 = time.monotonic()
-        self._m0 = machine_busy_seconds()
+        self._m0 = machine_cpu_seconds()
 
     def stop(self, late: dict[str, Sequence[int]] | None = None) -> dict[str, float]:
         """Cores used per group; ``late`` adds pids that appeared during the window."""
@@ -188,12 +194,14 @@ class CpuMeter:
             extra = list((late or {}).get(name, ()))
             used = sum(cpu_seconds(p) - self._start.get(p, 0.0) for p in {*pids, *extra})
             out[name] = round(used / wall, 2) if wall > 0 else 0.0
-        busy, total = machine_busy_seconds()
+        busy, total, steal = machine_cpu_seconds()
         dt = total - self._m0[1]
         ncpu = os.cpu_count() or 1
         out["machine"] = round((busy - self._m0[0]) / dt * ncpu, 2) if dt > 0 else 0.0
-        # what the rest of the machine (other people's processes) took meanwhile
+        # what the rest of the machine (other processes, and the hypervisor's steal, which
+        # is also shown on its own) took meanwhile
         out["other"] = round(max(0.0, out["machine"] - sum(out[g] for g in self.groups)), 2)
+        out["steal"] = round((steal - self._m0[2]) / dt * ncpu, 2) if dt > 0 else 0.0
         return out
 
 
