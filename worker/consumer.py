@@ -59,7 +59,8 @@ MAX_BATCH: Final = 100
 MAX_BATCH_BYTES: Final = 1 << 20
 #: batches processed at the same time (their transactions and publishes overlap)
 MAX_CONCURRENT_BATCHES: Final = 4
-#: seconds a delivery waits for company while another batch is in flight (see ``_loop``)
+#: seconds a delivery waits for company while another batch is in flight and has not yet
+#: stored its work, or while the prefetch window is more than half full (see ``_batch_ready``)
 BATCH_WAIT: Final = 0.02
 #: seconds one batch's database work may take before it counts as a transient failure
 DB_TIMEOUT: Final = 15.0
@@ -218,8 +219,13 @@ class Consumer:
         #: deliveries waiting that make a full batch while another batch is in flight
         self._fill = max(1, min(max_batch, settings.prefetch // 2))
         #: set when the buffer gets its first delivery or a full batch, or a batch finished
+        #: or stored its work
         self._wake = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
+        #: batches still decoding, checking or storing (not yet publishing their receipts)
+        self._preparing = 0
+        #: deliveries held, buffered or in a batch not yet settled
+        self._held = 0
         self._acks = AckTracker()
         self._pending_arrivals: dict[str, datetime] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -268,6 +274,7 @@ class Consumer:
             self._wake.set()
         self.idle.clear()
         self.metrics.in_flight.inc()
+        self._held += 1
         if msg.timestamp is not None:
             ts = msg.timestamp
             if ts.tzinfo is None:
@@ -347,12 +354,18 @@ class Consumer:
         """Wait until the next batch should form.
 
         With nothing in flight, at once: a lone message on an idle worker goes alone. While
-        a batch is in flight, once a full batch waits (half the prefetch window) or the
-        oldest delivery has waited ``BATCH_WAIT``. Under a backlog batches so fill up (one
-        transaction, one write of receipts, one ack each) instead of free slots splitting
-        the prefetch window into batches of 2-4 messages (measured: 27 messages a batch on
-        average against 95); under a steady load a delivery waits at most ``BATCH_WAIT``
-        for company, which bounds the latency the batching adds.
+        a batch is in flight, at once when a full batch waits (half the prefetch window);
+        at once when every batch in flight has stored its work (it only waits for the
+        broker's confirms and settles) and the worker holds at most half its prefetch
+        window; otherwise once the oldest delivery has waited ``BATCH_WAIT``.
+
+        Under a backlog the window is full, so batches fill up (one transaction, one write
+        of receipts, one ack each) instead of free slots splitting the window into batches
+        of 2-4 messages (measured: 27 messages a batch on average against 95). Under a
+        moderate load a delivery does not wait for the batch ahead of it to be confirmed:
+        the next batch is decoded, checked and stored while the broker confirms the one
+        before, which costs CPU in smaller batches and cuts the tail (README, "Decisions");
+        a delivery waits at most ``BATCH_WAIT`` for company.
         """
         while True:
             left: float | None = None
@@ -360,6 +373,8 @@ class Consumer:
                 return
             if self._buffer:
                 if not self._batches or len(self._buffer) >= self._fill:
+                    return
+                if not self._preparing and self._held <= self._fill:
                     return
                 left = self._buffer[0].received + BATCH_WAIT - time.monotonic()
                 if left <= 0:
@@ -388,10 +403,24 @@ class Consumer:
             await self.process(batch)
         finally:
             self.metrics.in_flight.dec(len(batch))
+            self._held -= len(batch)
 
     async def process(self, batch: list[Item]) -> None:
         """Decode, validate, store, answer and settle ``batch``."""
         now = self.clock()
+        try:
+            await self._prepare(batch, now)
+            await self._answer(batch, now)
+        except Exception as exc:  # a bug: retry (then dead-letter), never drop the batch
+            self.log.exception("batch_failed", error=_describe(exc))
+            for item in batch:
+                item.fail("transient", "internal", _describe(exc))
+        await self._settle(batch)
+
+    async def _prepare(self, batch: list[Item], now: float) -> None:
+        """Decode, check and store ``batch``: while a batch is here, the next one waits for
+        company (see ``_batch_ready``)."""
+        self._preparing += 1
         try:
             for item in batch:
                 self._decode(item)
@@ -399,12 +428,10 @@ class Consumer:
                     assert item.request is not None
                     self._check(job, now, item.request.delegations)
             await self._store(batch, now)
-            await self._answer(batch, now)
-        except Exception as exc:  # a bug: retry (then dead-letter), never drop the batch
-            self.log.exception("batch_failed", error=_describe(exc))
-            for item in batch:
-                item.fail("transient", "internal", _describe(exc))
-        await self._settle(batch)
+        finally:
+            self._preparing -= 1
+            if not self._preparing:
+                self._wake.set()
 
     def _decode(self, item: Item) -> None:
         try:

@@ -150,7 +150,9 @@ async def test_the_next_batch_forms_at_once_when_idle_or_full_else_after_the_bat
     await asyncio.wait_for(c._batch_ready(), timeout=0.1)
     assert len(c._take()) == c._fill
 
-    # a batch in flight and one delivery: it waits for company, BATCH_WAIT at most
+    # a batch in flight that is still storing, and one delivery: it waits for company,
+    # BATCH_WAIT at most
+    c._preparing = 1
     c._buffer.append(_arrived(0))
     started = time.monotonic()
     waiting = asyncio.create_task(c._batch_ready())
@@ -159,4 +161,57 @@ async def test_the_next_batch_forms_at_once_when_idle_or_full_else_after_the_bat
     await asyncio.wait_for(waiting, timeout=5)
     assert time.monotonic() - started >= 0.2
     assert [_n(i) for i in c._take()] == [0, 1]
+    in_flight.cancel()
+
+
+async def test_the_next_batch_goes_at_once_once_the_batches_in_flight_have_stored_their_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a moderate load a delivery does not wait for the batch ahead of it to be
+    confirmed: once every batch in flight has stored its work, the next one forms."""
+    monkeypatch.setattr(consumer_mod, "BATCH_WAIT", 5.0)  # longer than any wait below
+    c = make(FlakyPool(), monkeypatch, hold=1)
+    in_flight: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    c._batches.add(in_flight)  # type: ignore[arg-type]  # stands in for a batch task
+
+    # the batch in flight is still storing: a delivery waits, and goes when it has stored
+    stored = asyncio.Event()
+
+    async def store(batch: list[Item], now: float) -> None:
+        await stored.wait()
+
+    monkeypatch.setattr(c, "_store", store)
+    storing = asyncio.create_task(c._prepare([], 0.0))
+    await asyncio.sleep(0)
+    assert c._preparing == 1
+    c._buffer.append(_arrived(0))
+    c._held = 1 + 1  # the delivery and the batch in flight (as deliver() counts them)
+    waiting = asyncio.create_task(c._batch_ready())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    stored.set()
+    await asyncio.wait_for(waiting, timeout=1)
+    await storing
+    assert c._preparing == 0
+    assert [_n(i) for i in c._take()] == [0]
+
+    # the batch in flight has stored its work, but the window is more than half full (a
+    # backlog): a delivery waits for company rather than go in a small batch
+    c._buffer.append(_arrived(1))
+    c._held = c._fill + 1
+    waiting = asyncio.create_task(c._batch_ready())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+
+    # a failure while preparing does not leave the next batch waiting
+    async def broken(batch: list[Item], now: float) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(c, "_store", broken)
+    with pytest.raises(RuntimeError):
+        await c._prepare([], 0.0)
+    assert c._preparing == 0
     in_flight.cancel()
