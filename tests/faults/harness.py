@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final, TypeVar
@@ -655,19 +655,30 @@ class FaultRig:
         """Log events ``name`` (with ``fields``) over every worker of the rig."""
         return sum(w.events(name, **fields) for w in self.workers)
 
-    async def committed_ahead(self, since: int = 0) -> bool:
-        """Whether the ledger holds tasks whose receipts the collector has not seen yet
-        (work committed and not yet confirmed, so not yet acked), and more than ``since``.
+    async def hold_back_and_commit_ahead(
+        self, more: Sequence[SignedRequest], *, within: float = 10
+    ) -> None:
+        """Hold the workers' broker traffic back (each chunk 0.5 s), publish ``more``, and wait
+        until some of it is committed with its receipts not yet arrived: a fault injected
+        next surely catches work committed but not yet confirmed, so not yet acked.
 
-        Pass the ledger's count from when the broker traffic was held back (see
-        :meth:`ledger_count`): only work committed after that is surely unconfirmed; work
-        committed before may be acked already, its receipts only slow to reach the collector.
+        A fast worker otherwise often has everything it committed acked already. Only work
+        committed after the hold began is surely unconfirmed (work committed before may be
+        acked, its receipts only slow to reach the collector), and ``more`` is published
+        after it began, so it can only be committed after: the wait cannot find the stream
+        already over. Turn the hold off with ``amqp_proxy.delay(0)``.
         """
-        return (await self.counts()).ledger > max(since, len(self.collector.answered))
+        self.amqp_proxy.delay(0.5)
+        held_at = (await self.counts()).ledger
+        assert await self.publish(more) == len(more)
 
-    async def ledger_count(self) -> int:
-        """Tasks in the receipt ledger now."""
-        return (await self.counts()).ledger
+        async def ahead() -> bool:
+            ledger = (await self.counts()).ledger
+            return ledger > max(held_at, len(self.collector.answered))
+
+        await poll_until(
+            ahead, within=within, what="work committed whose receipts have not arrived"
+        )
 
     def answered_from_ledger(self) -> int:
         """Invocations the workers answered with a stored receipt instead of executing."""
