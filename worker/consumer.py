@@ -226,6 +226,9 @@ class Consumer:
         self._preparing = 0
         #: deliveries held, buffered or in a batch not yet settled
         self._held = 0
+        #: at most this many held, the next batch need not wait for the ones in flight to
+        #: be confirmed (half the prefetch window: more is a backlog, where batches fill up)
+        self._light = max(1, settings.prefetch // 2)
         self._acks = AckTracker()
         self._pending_arrivals: dict[str, datetime] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -374,7 +377,7 @@ class Consumer:
             if self._buffer:
                 if not self._batches or len(self._buffer) >= self._fill:
                     return
-                if not self._preparing and self._held <= self._fill:
+                if not self._preparing and self._held <= self._light:
                     return
                 left = self._buffer[0].received + BATCH_WAIT - time.monotonic()
                 if left <= 0:

@@ -198,7 +198,7 @@ async def test_the_next_batch_goes_at_once_once_the_batches_in_flight_have_store
     # the batch in flight has stored its work, but the window is more than half full (a
     # backlog): a delivery waits for company rather than go in a small batch
     c._buffer.append(_arrived(1))
-    c._held = c._fill + 1
+    c._held = c._light + 1
     waiting = asyncio.create_task(c._batch_ready())
     await asyncio.sleep(0.05)
     assert not waiting.done()
