@@ -6,13 +6,15 @@
 Phases (each on its own queues and database, all deleted afterwards):
 
 a. **ceiling**: a bare aio-pika loop on the same broker: consume (prefetch 100) from a
-   quorum queue, publish a 300-byte persistent reply with a publisher confirm, ack. Three
-   drains of a pre-filled queue; the median is the ceiling.
+   quorum queue, publish a 300-byte persistent reply with a publisher confirm, ack. Five
+   drains of a pre-filled queue (three before the worker, two after); the median is the
+   ceiling.
 b. **drain**: ``forge-worker run`` (uvloop) drains a backlog of N pre-signed ``/customer/add``
    containers (Hilt's shape: the invocation plus its one delegation proof, Go-ordered
    ``details``, a new customer each) to confirmed receipts. Receipts are counted on the
    reply queue by polling its depth; the time runs from the first consume (the inbox depth
-   drops) to the last receipt. Repeated with two worker processes (competing consumers).
+   drops) to the last receipt. Three drains (``--repeat``), a fresh process and inbox each;
+   the median is reported. Repeated with two worker processes (competing consumers).
 c. **latency**: the same single worker at a steady offered load of half of (b): requests
    are published at a fixed rate (what fell due, every ``--tick`` ms, in one write) and each
    receipt's arrival is matched to its request by ``correlation_id``; p50/p99 are taken
@@ -987,7 +989,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ceiling-runs-after", type=int, default=2, help="ceiling runs after the 1-process drains"
     )
     p.add_argument(
-        "--repeat", type=int, default=1, help="drains per configuration (median reported)"
+        "--repeat",
+        type=int,
+        default=3,
+        help="drains per configuration, a fresh process each (the median is reported)",
     )
     p.add_argument(
         "--latency-seconds", type=float, default=10.0, help="latency run after warm-up; 0 skips it"
