@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib.util
 import signal
 import sys
@@ -225,6 +226,7 @@ async def serve(settings: Settings) -> int:
     try:
         async with running(settings) as app:
             started.append(app)
+            logs.get_logger().info("startup_heap_frozen", objects=_freeze_startup_heap())
             if signalled.is_set():
                 app.request_stop()
             await app.stop_requested.wait()
@@ -233,6 +235,21 @@ async def serve(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return 0
+
+
+def _freeze_startup_heap() -> int:
+    """Move what start-up allocated (modules, the code of every library, settings, pools)
+    out of the cyclic garbage collector's reach.
+
+    A full collection walks every tracked object; nearly all of them live as long as the
+    process, so each full collection cost 10-15 ms of a stopped event loop, several times a
+    minute under load, for nothing found. Frozen, they are never walked again (refcounting
+    still frees them). Only ``serve`` does this: tests start many workers in one process.
+    Returns how many objects are frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _runner() -> Any:

@@ -155,6 +155,9 @@ async def test_sigterm_stops_consuming_drains_in_flight_work_and_exits_zero(
         tmp_path,
     )
     await proc.event("worker_started")
+    # what start-up allocated is out of the cyclic collector's reach (README, Performance)
+    frozen = await proc.event("startup_heap_frozen")
+    assert frozen["objects"] > 10_000
     receipts_q = worker_settings.receipt_queue
     await requester.listen(receipts_q)
 
