@@ -154,10 +154,12 @@ async def test_sigterm_stops_consuming_drains_in_flight_work_and_exits_zero(
         worker_env(worker_settings, FORGE_WORKER_SHUTDOWN_TIMEOUT="30"),
         tmp_path,
     )
-    await proc.event("worker_started")
-    # what start-up allocated is out of the cyclic collector's reach (README, Performance)
+    started = await proc.event("worker_started")
+    # what start-up allocated is out of the cyclic collector's reach before the first
+    # delivery (README, Decisions)
     frozen = await proc.event("startup_heap_frozen")
     assert frozen["objects"] > 10_000
+    assert proc.events.index(frozen) < proc.events.index(started)
     receipts_q = worker_settings.receipt_queue
     await requester.listen(receipts_q)
 
