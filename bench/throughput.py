@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -576,12 +577,19 @@ async def latency(
     generator talks aiormq directly because it shares the cores with what it measures: its
     CPU is reported (``cores.bench``) and is mostly wake-ups, so a coarser tick costs less.
     With ``meter_groups`` the CPU of those processes over the measured window is reported.
+
+    The generator's own garbage collector is off for the run (after one collection), as
+    ``timeit`` does: a full collection of the benchmark's heap took 10-18 ms in the drain
+    phases, and one would pause both its writes and its stamping of receipts, which is not
+    the latency under test.
     """
     n = len(bodies)
     sent: list[float] = [0.0] * n
     recv: list[float] = [0.0] * n
     conn = await aiormq.connect(url)
     meter = c.CpuMeter()
+    gc.collect()
+    gc.disable()
     try:
         cch = await conn.channel()
         got = 0
@@ -636,6 +644,7 @@ async def latency(
         await asyncio.wait_for(done.wait(), timeout=120)
         cores = meter.stop({"pg": c.pids_by_comm("postgres")}) if meter.groups else {}
     finally:
+        gc.enable()
         await conn.close()
     if series is not None:
         _write_series(series, sent, recv)
