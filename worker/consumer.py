@@ -224,10 +224,9 @@ class Consumer:
         self._batches: set[asyncio.Task[None]] = set()
         #: batches still decoding, checking or storing (not yet publishing their receipts)
         self._preparing = 0
-        #: deliveries held, buffered or in a batch not yet settled
-        self._held = 0
-        #: at most this many held, the next batch need not wait for the ones in flight to
-        #: be confirmed (half the prefetch window: more is a backlog, where batches fill up)
+        #: at most this many deliveries unacked, the next batch need not wait for the ones in
+        #: flight to be confirmed (half the prefetch window: more is a backlog, where batches
+        #: fill up)
         self._light = max(1, settings.prefetch // 2)
         self._acks = AckTracker()
         self._pending_arrivals: dict[str, datetime] = {}
@@ -277,7 +276,6 @@ class Consumer:
             self._wake.set()
         self.idle.clear()
         self.metrics.in_flight.inc()
-        self._held += 1
         if msg.timestamp is not None:
             ts = msg.timestamp
             if ts.tzinfo is None:
@@ -377,7 +375,7 @@ class Consumer:
             if self._buffer:
                 if not self._batches or len(self._buffer) >= self._fill:
                     return
-                if not self._preparing and self._held <= self._light:
+                if not self._preparing and self._acks.unsettled() <= self._light:
                     return
                 left = self._buffer[0].received + BATCH_WAIT - time.monotonic()
                 if left <= 0:
@@ -406,7 +404,6 @@ class Consumer:
             await self.process(batch)
         finally:
             self.metrics.in_flight.dec(len(batch))
-            self._held -= len(batch)
 
     async def process(self, batch: list[Item]) -> None:
         """Decode, validate, store, answer and settle ``batch``."""

@@ -185,7 +185,8 @@ async def test_the_next_batch_goes_at_once_once_the_batches_in_flight_have_store
     await asyncio.sleep(0)
     assert c._preparing == 1
     c._buffer.append(_arrived(0))
-    c._held = 1 + 1  # the delivery and the batch in flight (as deliver() counts them)
+    for tag in (1, 2):  # the delivery and the batch in flight, unacked (as deliver() tracks)
+        c._acks.received(None, tag)
     waiting = asyncio.create_task(c._batch_ready())
     await asyncio.sleep(0.05)
     assert not waiting.done()
@@ -198,7 +199,8 @@ async def test_the_next_batch_goes_at_once_once_the_batches_in_flight_have_store
     # the batch in flight has stored its work, but the window is more than half full (a
     # backlog): a delivery waits for company rather than go in a small batch
     c._buffer.append(_arrived(1))
-    c._held = c._light + 1
+    for tag in range(3, c._light + 2):  # the prefetch window more than half full
+        c._acks.received(None, tag)
     waiting = asyncio.create_task(c._batch_ready())
     await asyncio.sleep(0.05)
     assert not waiting.done()
