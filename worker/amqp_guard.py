@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import datetime
 import struct
-from typing import Final
+from typing import Any, Final
 
-from pamqp import common, decode
+from pamqp import common, decode, frame
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 _CLAMPED: Final = datetime.datetime.max.replace(tzinfo=datetime.UTC)
 
@@ -80,3 +82,90 @@ def install() -> None:
     decode.timestamp = _timestamp
     decode.short_str = _short_str
     decode.field_table = _field_table
+
+
+# --- encoding: what the worker writes must never fail its neighbours ---------------------
+
+#: what pamqp raises on a value it cannot encode (a short string over 255 bytes, a float a
+#: 4-byte ``f`` cannot hold, a decimal it cannot scale, ...)
+ENCODE_ERRORS: Final = (TypeError, ValueError, OverflowError, struct.error, UnicodeError)
+#: the frame_max RabbitMQ negotiates by default (bytes, frame overhead included)
+DEFAULT_FRAME_MAX: Final = 131_072
+#: a frame's type, channel and size fields and its end octet
+FRAME_OVERHEAD: Final = 8
+#: an AMQP short string's limit, in bytes
+SHORTSTR_MAX: Final = 255
+
+
+class Unencodable(ValueError):
+    """An outgoing message cannot be written: a property over 255 bytes in UTF-8, a header
+    pamqp cannot encode, or properties larger than one frame. Permanent for that message
+    alone: re-sending it would fail the same way."""
+
+
+def shortstr_ok(value: str | None) -> bool:
+    """Whether ``value`` fits an AMQP short string (255 bytes in UTF-8); cheap for the
+    common case of short ASCII text."""
+    return value is None or len(value) <= SHORTSTR_MAX // 4 or len(value.encode()) <= SHORTSTR_MAX
+
+
+def encode_publish(
+    channel_number: int,
+    routing_key: str,
+    properties: Basic.Properties,
+    body_frames: list[Any],
+    *,
+    frame_max: int,
+) -> bytes:
+    """The wire bytes of one ``mandatory`` publish through the default exchange.
+
+    pamqp checks a short string's length only while it writes it, and nothing checks that
+    the content header fits in one frame: a message copied from a hostile one (a property
+    whose bad bytes were read as U+FFFD, three bytes each; a header table of 1-byte values
+    that re-encode as 2 or 3) could otherwise raise in the middle of a batch's write, or
+    reach the broker as a frame over ``frame_max``, which closes the whole connection.
+
+    Raises:
+        Unencodable: why this message cannot be written.
+    """
+    if not shortstr_ok(routing_key):
+        raise Unencodable(f"the routing key is {len(routing_key.encode())} bytes in UTF-8")
+    try:
+        header = frame.marshal(
+            ContentHeader(properties=properties, body_size=_body_size(body_frames)),
+            channel_number,
+        )
+        parts = [
+            frame.marshal(
+                Basic.Publish(exchange="", routing_key=routing_key, mandatory=True),
+                channel_number,
+            ),
+            header,
+        ]
+        parts.extend(frame.marshal(f, channel_number) for f in body_frames)
+    except ENCODE_ERRORS as exc:
+        raise Unencodable(f"its properties cannot be encoded ({_one_line(exc)})") from None
+    if len(header) > frame_max:
+        raise Unencodable(
+            f"its properties and headers encode to {len(header)} bytes, over the "
+            f"connection's frame size of {frame_max}"
+        )
+    return b"".join(parts)
+
+
+def check_properties(properties: Basic.Properties, *, frame_max: int) -> str | None:
+    """Why a message with ``properties`` cannot be written, or None when it can."""
+    try:
+        encode_publish(0, "", properties, [], frame_max=frame_max)
+    except Unencodable as exc:
+        return str(exc)
+    return None
+
+
+def _body_size(body_frames: list[Any]) -> int:
+    return sum(len(f.value) for f in body_frames)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

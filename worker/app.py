@@ -26,6 +26,10 @@ from worker.keyfile import ServiceKey, load_service_key
 from worker.metrics import Metrics
 
 HTTP_HOST: Final = "127.0.0.1"
+#: seconds deliveries may stay pending with none of them settled before the worker stops
+#: being ready: longer than the slowest legitimate settle (a batch held DB_HOLD for a lost
+#: database, then its statement's DB_TIMEOUT, its receipts' and its successors' confirms)
+STALL_AFTER: Final = 120.0
 #: seconds between queue-depth polls (worker.ops.DepthPoller)
 DEPTH_POLL_INTERVAL: Final = 15.0
 #: Python frames allowed: pamqp decodes (and encodes) nested header tables recursively, two
@@ -43,6 +47,9 @@ class Health:
     broker: Broker | None = None
     pool: asyncpg.Pool | None = None
     key: ServiceKey | None = None
+    consumer: Consumer | None = None
+    #: seconds deliveries may stay pending with none settled before readiness turns false
+    stall_after: float = STALL_AFTER
     #: set once a stop was asked for (SIGTERM/SIGINT or the fixture's exit)
     stopping: bool = False
 
@@ -62,12 +69,17 @@ class Health:
         """The service signing key is loaded."""
         return self.key is not None
 
+    def deliveries_settling(self) -> bool:
+        """No delivery has stayed pending for ``stall_after`` s without any being settled."""
+        return self.consumer is None or self.consumer.stalled_for() < self.stall_after
+
     async def ready(self) -> bool:
         """Every fact at once."""
         return (
             self.broker_connected()
             and self.consumer_registered()
             and self.key_loaded()
+            and self.deliveries_settling()
             and await self.database_reachable()
         )
 
@@ -204,6 +216,7 @@ async def running(
             await stack.enter_async_context(_stopping_within(poller, "depth_poller", stragglers))
 
         app.consumer = Consumer(settings, app.broker, app.pool, app.key.signer, app.metrics, log)
+        app.health.consumer = app.consumer
         if freeze_heap:
             log.info("startup_heap_frozen", objects=_freeze_startup_heap())
         await app.consumer.start()

@@ -25,7 +25,8 @@ from typing import Any, Final
 from aiormq import spec
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import PublishError
-from pamqp.header import ContentHeader
+
+from worker import amqp_guard
 
 #: the aiormq channel attributes the one-write path uses
 _NEEDED: Final = (
@@ -58,63 +59,94 @@ async def publish_batch(
 
     Returns, per message in order, None when the broker confirmed it, else the exception:
     aiormq's ``PublishError`` (returned), ``DeliveryError`` (nacked), ``TimeoutError`` (no
-    confirm in time) or whatever the closing channel failed it with.
+    confirm in time), :class:`worker.amqp_guard.Unencodable` (never sent: a property or
+    header that cannot be written, checked message by message so that it fails alone) or
+    whatever the closing channel failed it with.
 
     Properties without a ``message_id`` get a random one (aiormq matches a returned
     message to its delivery tag by it).
     """
     if not messages:
         return []
+    results: list[BaseException | None] = [None] * len(messages)
     tags: list[tuple[int, str]] = []
-    futures: list[asyncio.Future[Any]] = []
+    futures: list[asyncio.Future[Any] | None] = [None] * len(messages)
+    frame_max = frame_size(channel)
     async with channel.lock:
         first = channel.delivery_tag
         try:
-            frames: list[Any] = []
-            for routing_key, body, properties in messages:
+            payloads: list[bytes] = []
+            for i, (routing_key, body, properties) in enumerate(messages):
                 if not properties.message_id:
                     properties.message_id = os.urandom(16).hex()
+                try:
+                    # each message on its own: one that cannot be written fails alone
+                    payloads.append(
+                        amqp_guard.encode_publish(
+                            channel.number,
+                            routing_key,
+                            properties,
+                            channel._split_body(body),
+                            frame_max=frame_max,
+                        )
+                    )
+                except amqp_guard.Unencodable as exc:
+                    results[i] = exc
+                    continue
                 channel.delivery_tag += 1
                 tag = channel.delivery_tag
                 future = channel.create_future()
                 channel.confirmations[tag] = future
                 channel.message_id_delivery_tag[properties.message_id] = tag
                 tags.append((tag, properties.message_id))
-                futures.append(future)
-                frames.append(
-                    spec.Basic.Publish(exchange="", routing_key=routing_key, mandatory=True)
+                futures[i] = future
+            if payloads:
+                await channel.write_queue.put(
+                    ChannelFrame(payload=b"".join(payloads), should_close=False)
                 )
-                frames.append(ContentHeader(properties=properties, body_size=len(body)))
-                frames.extend(channel._split_body(body))
-            await channel.write_queue.put(
-                ChannelFrame.marshall(channel_number=channel.number, frames=frames)
-            )
         except BaseException:
             # nothing reached the broker: give the sequence numbers back, as aiormq does
             _forget(channel, tags)
-            for future in futures:
-                future.cancel()
+            for f in futures:
+                if f is not None:
+                    f.cancel()
             channel.delivery_tag = first
             raise
+    waiting = [f for f in futures if f is not None]
+    if not waiting:
+        return results
     try:
-        _, pending = await asyncio.wait(futures, timeout=timeout)
+        _, pending = await asyncio.wait(waiting, timeout=timeout)
     finally:
         _forget_message_ids(channel, tags)
-    results: list[BaseException | None] = []
-    for future in futures:
-        if future in pending:
-            future.cancel()  # (aiormq ignores a late confirm of a cancelled future)
-            results.append(TimeoutError())
-        elif future.cancelled():
-            results.append(asyncio.CancelledError())
-        elif future.exception() is not None:
-            results.append(future.exception())
-        elif isinstance(future.result(), spec.Basic.Ack):
-            results.append(None)
-        else:  # a returned message, on a channel that does not raise on returns
-            returned = future.result()
-            results.append(PublishError(returned, returned.delivery))
+    for i, future in enumerate(futures):
+        if future is not None:  # (None: unencodable, its result is set)
+            results[i] = _outcome(future, pending)
     return results
+
+
+def _outcome(
+    future: asyncio.Future[Any], pending: set[asyncio.Future[Any]]
+) -> BaseException | None:
+    """None for a confirmed publish, else what became of it."""
+    if future in pending:
+        future.cancel()  # (aiormq ignores a late confirm of a cancelled future)
+        return TimeoutError()
+    if future.cancelled():
+        return asyncio.CancelledError()
+    if future.exception() is not None:
+        return future.exception()
+    if isinstance(future.result(), spec.Basic.Ack):
+        return None
+    returned = future.result()  # a returned message, on a channel that does not raise
+    return PublishError(returned, returned.delivery)
+
+
+def frame_size(channel: Any) -> int:
+    """The frame_max the channel's connection negotiated (RabbitMQ's default if unknown)."""
+    tune = getattr(getattr(channel, "connection", None), "connection_tune", None)
+    size = getattr(tune, "frame_max", None)
+    return size if isinstance(size, int) and size > 0 else amqp_guard.DEFAULT_FRAME_MAX
 
 
 def _forget(channel: Any, tags: list[tuple[int, str]]) -> None:

@@ -20,7 +20,7 @@ from aio_pika.abc import (
 )
 from aiormq import spec
 
-from worker import batch_publish, topology
+from worker import amqp_guard, batch_publish, topology
 from worker.config import Settings
 from worker.errors import ConfigError, Transient, Unreachable
 
@@ -37,9 +37,11 @@ class PublishFailed(Transient):
     """The broker did not confirm a publish (nack, return, timeout or lost channel).
 
     ``kind`` says which: ``returned`` (no queue took it), ``nacked`` (the broker refused
-    it, e.g. a full queue with ``reject-publish``), ``timeout`` (no confirm in time) or
-    ``lost`` (the channel or connection went away); only after ``returned`` and ``nacked``
-    is it certain the broker did not keep the message.
+    it, e.g. a full queue with ``reject-publish``), ``timeout`` (no confirm in time),
+    ``lost`` (the channel or connection went away) or ``unencodable`` (never sent: a
+    property or header that cannot be written; sending it again fails the same way); only
+    after ``returned``, ``nacked`` and ``unencodable`` is it certain the broker did not
+    keep the message.
     """
 
     def __init__(self, message: str, *, kind: str = "lost") -> None:
@@ -73,6 +75,8 @@ def as_publish_failed(exc: BaseException, routing_key: str, timeout: float) -> P
     where = f"cannot publish to {routing_key!r}"
     if isinstance(exc, PublishFailed):
         return exc
+    if isinstance(exc, amqp_guard.ENCODE_ERRORS):  # (Unencodable is a ValueError)
+        return PublishFailed(f"{where}: {exc}", kind="unencodable")
     if isinstance(exc, aiormq.exceptions.PublishError):
         return PublishFailed(
             f"{where}: returned by the broker ({_reply_text(exc)})", kind="returned"
@@ -156,6 +160,21 @@ class Outgoing:
     type: str | None = None
     app_id: str | None = None
 
+    def properties(self) -> spec.Basic.Properties:
+        """The AMQP properties it is published with (persistent)."""
+        return spec.Basic.Properties(
+            content_type=self.content_type,
+            content_encoding=self.content_encoding,
+            headers=dict(self.headers) if self.headers else None,
+            delivery_mode=2,  # persistent
+            correlation_id=self.correlation_id,
+            reply_to=self.reply_to,
+            message_id=self.message_id,
+            timestamp=self.timestamp,
+            message_type=self.type,
+            app_id=self.app_id,
+        )
+
 
 def copy_of(msg: Incoming, routing_key: str, headers: Mapping[str, Any]) -> Outgoing:
     """A copy of ``msg`` for ``routing_key`` keeping its properties, with ``headers`` added."""
@@ -180,6 +199,60 @@ def copy_of(msg: Incoming, routing_key: str, headers: Mapping[str, Any]) -> Outg
         type=msg.type,
         app_id=msg.app_id,
     )
+
+
+#: the short-string properties a copy carries over, by their :class:`Outgoing` names
+_COPIED_PROPERTIES: Final = (
+    "correlation_id",
+    "reply_to",
+    "message_id",
+    "content_type",
+    "content_encoding",
+    "type",
+    "app_id",
+)
+
+
+def safe_copy_of(
+    msg: Incoming, routing_key: str, headers: Mapping[str, Any], *, frame_max: int
+) -> Outgoing:
+    """A copy of ``msg`` that can always be written, for a dead letter whose
+    :func:`copy_of` cannot be (see :func:`worker.amqp_guard.encode_publish`).
+
+    A property over 255 bytes in UTF-8 is left out and kept, as a long string, under
+    :data:`~worker.topology.H_ORIGINAL_PROPERTIES`; if the publisher's headers still cannot
+    be written (a value pamqp cannot encode, or more than one frame), they are left out and
+    :data:`~worker.topology.H_DROPPED_HEADERS` says why. The body is kept as it is, so the
+    dead letter stays inspectable (``dlq show``) and can be replayed.
+    """
+    kept: dict[str, str] = {}
+    originals: dict[str, str] = {}
+    for name in _COPIED_PROPERTIES:
+        value = getattr(msg, name)
+        if value is None:
+            continue
+        if amqp_guard.shortstr_ok(value):
+            kept[name] = value
+        else:
+            originals[name] = value[:1024]
+    ours: dict[str, Any] = dict(headers)
+    if originals:
+        ours[topology.H_ORIGINAL_PROPERTIES] = originals
+    theirs = copy_of(msg, routing_key, {}).headers
+    out = Outgoing(
+        routing_key=routing_key,
+        body=msg.body,
+        headers={**theirs, **ours},
+        timestamp=msg.timestamp,
+        **kept,
+    )
+    problem = amqp_guard.check_properties(out.properties(), frame_max=frame_max)
+    if problem is not None:
+        ours[topology.H_DROPPED_HEADERS] = f"{len(theirs)} publisher headers left out: {problem}"
+        out = Outgoing(
+            routing_key=routing_key, body=msg.body, headers=ours, timestamp=msg.timestamp, **kept
+        )
+    return out
 
 
 def queue_declarations(settings: Settings) -> list[tuple[str, dict[str, object]]]:
@@ -356,6 +429,21 @@ class Broker:
                     await underlay.basic_cancel(tag)
 
     @property
+    def frame_max(self) -> int:
+        """The largest frame the connection may send (negotiated with the broker)."""
+        transport = self.connection.transport
+        tune = getattr(getattr(transport, "connection", None), "connection_tune", None)
+        size = getattr(tune, "frame_max", None)
+        return size if isinstance(size, int) and size > 0 else amqp_guard.DEFAULT_FRAME_MAX
+
+    def unencodable(self, out: Outgoing) -> str | None:
+        """Why ``out`` cannot be written (see :func:`worker.amqp_guard.encode_publish`), or
+        None when it can."""
+        if not amqp_guard.shortstr_ok(out.routing_key):
+            return f"the routing key is {len(out.routing_key.encode())} bytes in UTF-8"
+        return amqp_guard.check_properties(out.properties(), frame_max=self.frame_max)
+
+    @property
     def connected(self) -> bool:
         """The connection and both channels are open."""
         return not self.connection.is_closed and all(
@@ -390,25 +478,7 @@ class Broker:
         """
         ch = self._publish_channel
         assert ch is not None
-        messages = [
-            (
-                out.routing_key,
-                out.body,
-                spec.Basic.Properties(
-                    content_type=out.content_type,
-                    content_encoding=out.content_encoding,
-                    headers=dict(out.headers) if out.headers else None,
-                    delivery_mode=2,  # persistent
-                    correlation_id=out.correlation_id,
-                    reply_to=out.reply_to,
-                    message_id=out.message_id,
-                    timestamp=out.timestamp,
-                    message_type=out.type,
-                    app_id=out.app_id,
-                ),
-            )
-            for out in outs
-        ]
+        messages = [(out.routing_key, out.body, out.properties()) for out in outs]
         results: list[BaseException | None]
         try:
             if ch.is_closed:
@@ -420,21 +490,7 @@ class Broker:
                     underlay, messages, timeout=confirm_within
                 )
             else:
-                each = await asyncio.gather(
-                    *(
-                        underlay.basic_publish(
-                            body,
-                            exchange="",
-                            routing_key=key,
-                            properties=props,
-                            mandatory=True,
-                            timeout=confirm_within,
-                        )
-                        for key, body, props in messages
-                    ),
-                    return_exceptions=True,
-                )
-                results = [r if isinstance(r, BaseException) else None for r in each]
+                results = await _publish_each(underlay, messages, confirm_within, self.frame_max)
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             results = [exc] * len(outs)
         return [
@@ -446,6 +502,27 @@ class Broker:
         """Close the connection (its channels with it)."""
         if not self.connection.is_closed:
             await self.connection.close()
+
+
+async def _publish_each(
+    channel: Any,
+    messages: Sequence[tuple[str, bytes, spec.Basic.Properties]],
+    timeout: float,  # noqa: ASYNC109 - the confirms' own deadline
+    frame_max: int,
+) -> list[BaseException | None]:
+    """One ``basic_publish`` a message (when the one-write path is not available); a
+    message that cannot be written fails alone, before anything is sent."""
+
+    async def one(key: str, body: bytes, props: spec.Basic.Properties) -> None:
+        problem = amqp_guard.check_properties(props, frame_max=frame_max)
+        if problem is not None or not amqp_guard.shortstr_ok(key):
+            raise amqp_guard.Unencodable(problem or "the routing key is over 255 bytes")
+        await channel.basic_publish(
+            body, exchange="", routing_key=key, properties=props, mandatory=True, timeout=timeout
+        )
+
+    each = await asyncio.gather(*(one(*m) for m in messages), return_exceptions=True)
+    return [r if isinstance(r, BaseException) else None for r in each]
 
 
 def _reply_text(exc: aiormq.exceptions.PublishError) -> str:

@@ -33,8 +33,8 @@ from typing import Any, Final
 import asyncpg
 from structlog.typing import FilteringBoundLogger
 
-from worker import store, topology
-from worker.broker import Broker, Incoming, Outgoing, copy_of
+from worker import amqp_guard, store, topology
+from worker.broker import Broker, Incoming, Outgoing, copy_of, safe_copy_of
 from worker.commands import CommandError, Handler, lookup
 from worker.config import Settings
 from worker.metrics import Metrics
@@ -121,6 +121,8 @@ class Item:
     failure: str | None = None
     reason: str = ""
     error: str = ""
+    #: acked (or about to be, once the tags below it are) or given back to the queue
+    settled: bool = False
 
     def fail(self, kind: str, reason: str, error: str) -> None:
         if self.failure != "permanent":  # a permanent verdict is never softened
@@ -145,19 +147,28 @@ class AckTracker:
     """Acks with ``multiple=True`` only over delivery tags with nothing unsettled below them.
 
     Delivery tags are per channel; a channel lost with its messages (the broker requeues
-    them) is forgotten.
+    them) is forgotten. It also keeps the time of the last progress (a delivery acked or
+    given back, or the first one of an idle spell), for the readiness check that notices a
+    worker whose deliveries stopped being settled (:meth:`stalled_for`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._open: dict[Any, set[int]] = {}
         self._done: dict[Any, set[int]] = {}
+        self._clock = clock
+        self._progress = clock()
 
     def received(self, channel: Any, tag: int) -> None:
+        if not self.unsettled():
+            self._progress = self._clock()  # pending from now on
         self._open.setdefault(channel, set()).add(tag)
 
-    def forget(self, channel: Any, tag: int) -> None:
-        """The message was settled another way (nack)."""
+    def forget(self, channel: Any, tag: int) -> int | None:
+        """The message was settled another way (nack); returns the tag to ack with
+        ``multiple=True`` that this unblocked, if any."""
         self._open.get(channel, set()).discard(tag)
+        self._progress = self._clock()
+        return self.done(channel, ())
 
     def done(self, channel: Any, tags: Sequence[int]) -> int | None:
         """Mark ``tags`` ready to ack; returns the tag to ack with ``multiple=True``, if any."""
@@ -172,14 +183,20 @@ class AckTracker:
         done.difference_update(ackable)
         # a channel dropped meanwhile (its ack failed) is no longer tracked
         self._open.get(channel, set()).difference_update(ackable)
+        self._progress = self._clock()
         return top
 
     def drop_channel(self, channel: Any) -> None:
         self._open.pop(channel, None)
         self._done.pop(channel, None)
+        self._progress = self._clock()
 
     def unsettled(self) -> int:
         return sum(len(v) for v in self._open.values())
+
+    def stalled_for(self) -> float:
+        """Seconds without progress while deliveries are pending (0 when none is)."""
+        return self._clock() - self._progress if self.unsettled() else 0.0
 
 
 class Consumer:
@@ -415,7 +432,24 @@ class Consumer:
             self.log.exception("batch_failed", error=_describe(exc))
             for item in batch:
                 item.fail("transient", "internal", _describe(exc))
-        await self._settle(batch)
+        try:
+            await self._settle(batch)
+        except BaseException as exc:
+            # whatever went wrong, no delivery of this batch may stay unsettled: its tag
+            # would hold back the acks of every later delivery (they go only up to the
+            # lowest pending tag), and the prefetch window would fill and stop the worker
+            self.log.error("batch_settle_failed", error=_describe(exc))
+            await asyncio.shield(self._abandon(batch))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _abandon(self, batch: list[Item]) -> None:
+        """Give back to the queue every delivery of ``batch`` not yet settled (it will be
+        delivered again and answered from the ledger, or dead-lettered by the broker's
+        delivery limit if it keeps failing)."""
+        for item in batch:
+            if not item.settled:
+                await self._nack(item)
 
     async def _prepare(self, batch: list[Item], now: float) -> None:
         """Decode, check and store ``batch``: while a batch is here, the next one waits for
@@ -434,6 +468,10 @@ class Consumer:
                 self._wake.set()
 
     def _decode(self, item: Item) -> None:
+        problem = self._unanswerable(item.msg)
+        if problem is not None:  # decided before anything is executed: nothing is written
+            item.fail("permanent", "unencodable", problem)
+            return
         try:
             item.request = decode_request(item.msg.body, max_size=self.settings.max_message_size)
         except DecodeError as exc:
@@ -449,6 +487,21 @@ class Consumer:
         for inv in item.request.invocations:
             if (inv.aud or inv.sub) == self.service_did:
                 item.jobs.append(Job(inv))
+
+    def _unanswerable(self, msg: Incoming) -> str | None:
+        """Why no response to ``msg`` could be written, or None: its ``reply_to`` (the
+        routing key) and its correlation id are short strings (255 bytes in UTF-8). A
+        publisher's bytes that are not UTF-8 were read as U+FFFD, three bytes each."""
+        to = topology.response_queue(msg.reply_to, self.settings.receipt_queue)
+        correlation = msg.correlation_id or msg.message_id
+        for name, value in (("reply_to", to), ("correlation id", correlation)):
+            if not amqp_guard.shortstr_ok(value):
+                assert value is not None
+                return (
+                    f"cannot answer: its {name} is {len(value.encode())} bytes in UTF-8, "
+                    f"more than AMQP's {amqp_guard.SHORTSTR_MAX}"
+                )
+        return None
 
     def _check(self, job: Job, now: float, proofs: Any) -> None:
         """Dispatcher order of ucantone: handler, then validation, then the handler's checks."""
@@ -689,7 +742,8 @@ class Consumer:
         failures = await self.broker.publish_many([out for _, out in sends])
         for (item, _), failed in zip(sends, failures, strict=True):
             if failed is not None:
-                item.fail("transient", "publish", str(failed))
+                kind = "permanent" if failed.kind == "unencodable" else "transient"
+                item.fail(kind, failed.kind if kind == "permanent" else "publish", str(failed))
         confirmed = failures.count(None)
         if confirmed:
             self.metrics.receipts_published.inc(confirmed)
@@ -734,7 +788,9 @@ class Consumer:
             await self._flush_arrivals()
 
     def _successor(self, item: Item, now: float) -> tuple[Outgoing, str]:
-        """Where a failed message goes next: a retry tier, or the dead-letter queue."""
+        """Where a failed message goes next: a retry tier, or the dead-letter queue. A copy
+        that cannot be written (a property or header of the publisher's) makes the message
+        a dead letter with those left out (:func:`worker.broker.safe_copy_of`)."""
         msg, q = item.msg, self.settings.queue
         attempts = item.attempt + 1
         first = (msg.headers or {}).get(topology.H_FIRST_ARRIVAL)
@@ -746,12 +802,21 @@ class Consumer:
         }
         delays = self.settings.retry_delays
         if item.failure == "transient" and item.attempt < len(delays):
-            return copy_of(msg, topology.retry_name(q, delays[item.attempt]), headers), "retried"
+            out = copy_of(msg, topology.retry_name(q, delays[item.attempt]), headers)
+            problem = self.broker.unencodable(out)
+            if problem is None:
+                return out, "retried"
+            item.failure, item.reason = "permanent", "unencodable"
+            item.error = headers[topology.H_ERROR] = f"cannot copy to a retry queue: {problem}"
         headers[topology.H_REASON] = (
             item.reason if item.failure == "permanent" else "retries-exhausted"
         )
         headers[topology.H_DEAD_LETTERED_AT] = int(now)
-        return copy_of(msg, topology.dead_letter_name(q), headers), "dead_lettered"
+        dead = topology.dead_letter_name(q)
+        out = copy_of(msg, dead, headers)
+        if self.broker.unencodable(out) is not None:
+            out = safe_copy_of(msg, dead, headers, frame_max=self.broker.frame_max)
+        return out, "dead_lettered"
 
     def _report(self, item: Item) -> None:
         latency_ms = round((time.monotonic() - item.received) * 1000, 3)
@@ -787,6 +852,7 @@ class Consumer:
     async def _ack(self, items: list[Item]) -> None:
         by_channel: dict[Any, list[Item]] = {}
         for item in items:
+            item.settled = True
             by_channel.setdefault(item.channel, []).append(item)
         for channel, group in by_channel.items():
             tags = [i.msg.delivery_tag for i in group if i.msg.delivery_tag is not None]
@@ -803,12 +869,20 @@ class Consumer:
                 self.log.warning("ack_lost", error=_describe(exc))
 
     async def _nack(self, item: Item) -> None:
+        """Give ``item`` back to the queue, then ack what its tag was holding back."""
         assert item.msg.delivery_tag is not None
-        self._acks.forget(item.channel, item.msg.delivery_tag)
+        item.settled = True
+        top = self._acks.forget(item.channel, item.msg.delivery_tag)
         try:
             await item.channel.basic_nack(delivery_tag=item.msg.delivery_tag, requeue=True)
+            if top is not None:
+                await asyncio.shield(item.channel.basic_ack(delivery_tag=top, multiple=True))
         except Exception:  # a lost channel requeues by itself
             self._acks.drop_channel(item.channel)
+
+    def stalled_for(self) -> float:
+        """Seconds during which deliveries were pending and none was settled."""
+        return self._acks.stalled_for()
 
     async def _flush_arrivals(self) -> None:
         pending = dict(self._pending_arrivals)

@@ -4,7 +4,7 @@ Only ``GET`` and ``HEAD`` of those three paths; one request per connection
 (``Connection: close``); a request that does not arrive within a few seconds or is larger
 than a few kilobytes is dropped, so a stuck scraper cannot tie the worker up.
 
-Readiness is four probes (:class:`Probes`). Every ``/readyz`` and every scrape of
+Readiness is five probes (:class:`Probes`). Every ``/readyz`` and every scrape of
 ``/metrics`` runs them, so ``forge_worker_ready`` and ``forge_worker_ready_check{check}``
 are current whenever Prometheus looks.
 """
@@ -30,7 +30,7 @@ PROBE_TIMEOUT: Final = 2.0
 MAX_HEAD: Final = 8192
 
 #: the readiness checks, in the order they are reported
-CHECKS: Final = ("broker", "consumer", "database", "key")
+CHECKS: Final = ("broker", "consumer", "database", "key", "progress")
 
 _REASONS: Final = {
     200: "OK",
@@ -60,6 +60,11 @@ class Probes(Protocol):
 
     def key_loaded(self) -> bool:
         """The service signing key is loaded."""
+        ...
+
+    def deliveries_settling(self) -> bool:
+        """Deliveries are being settled: none has been pending for long without any of them
+        acked or given back (a worker whose ack window is stuck is not ready)."""
         ...
 
 
@@ -93,6 +98,7 @@ _FAILURES: Final = {
     "consumer": "no consumer registered on the inbox",
     "database": "database did not answer",
     "key": "service key not loaded",
+    "progress": "deliveries pending and none settled for too long",
 }
 
 
@@ -117,6 +123,7 @@ async def check_readiness(probes: Probes, metrics: Metrics | None = None) -> Rea
         "consumer": probes.consumer_registered,
         "database": probes.database_reachable,
         "key": probes.key_loaded,
+        "progress": probes.deliveries_settling,
     }
     checks = {name: await _check(name, funcs[name]) for name in CHECKS}
     readiness = Readiness(checks)

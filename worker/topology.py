@@ -37,6 +37,11 @@ H_ORIGIN_QUEUE: Final = "forge-origin-queue"
 H_REPLAY_COUNT: Final = "forge-replay-count"
 #: unix seconds of the last replay
 H_REPLAYED_AT: Final = "forge-replayed-at"
+#: a dead letter's own properties that could not be written (a short string over 255 bytes
+#: in UTF-8), kept here as long strings so the message stays inspectable: {name: text}
+H_ORIGINAL_PROPERTIES: Final = "forge-original-properties"
+#: why the publisher's headers were left out of a dead letter (they could not be written)
+H_DROPPED_HEADERS: Final = "forge-dropped-headers"
 
 
 #: the broker's reserved namespace: no client queue is named so, and a forged direct

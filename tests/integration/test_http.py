@@ -43,6 +43,9 @@ class PoolProbes:
     def key_loaded(self) -> bool:
         return True
 
+    def deliveries_settling(self) -> bool:
+        return True
+
 
 async def get(port: int, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -8,6 +8,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 import pytest
@@ -309,3 +310,66 @@ async def test_a_returned_response_is_retried_and_then_sent_with_the_stored_byte
     # the receipt can reach the queue before the worker settles and counts the message
     await asyncio.wait_for(worker.consumer.wait_for("duplicate"), timeout=10)
     assert worker.consumer.outcomes["duplicate"] == 1
+
+
+async def test_a_batch_whose_settling_fails_is_given_back_and_answered_again(
+    worker: App, requester: Requester, service: Signer
+) -> None:
+    """Whatever goes wrong while a batch is settled, its deliveries are given back to the
+    queue: an unsettled delivery tag would hold back every later ack, fill the prefetch
+    window and stop the worker."""
+    consumer = worker.consumer
+    assert consumer is not None
+    real_report = consumer._report
+    failed: list[int] = []
+
+    def report_once(item: Any) -> None:
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("a bug while settling")
+        real_report(item)
+
+    consumer._report = report_once  # type: ignore[method-assign]
+    reply_to = await requester.reply_queue()
+    bodies = [invocation(service, service.did) for _ in range(5)]
+    for body in bodies:
+        await requester.publish(body, reply_to=reply_to)
+    wanted, ran = {task_of(b) for b in bodies}, set[Any]()
+    while not wanted <= ran:  # (the given-back batch was answered before it failed)
+        ran.update(r.ran for r in receipts_of((await requester.next(reply_to)).body))
+    # the given-back deliveries came again and were answered from the ledger
+    await asyncio.wait_for(consumer.wait_for("duplicate"), timeout=10)
+    await asyncio.wait_for(consumer.idle.wait(), timeout=10)
+    assert failed == [1]
+    assert consumer.stalled_for() == 0.0 and consumer._acks.unsettled() == 0
+
+
+async def test_readiness_turns_false_while_deliveries_stop_being_settled(
+    worker: App, requester: Requester, service: Signer
+) -> None:
+    from worker.http import check_readiness
+
+    consumer = worker.consumer
+    assert consumer is not None
+    real_settle = consumer._settle
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def stuck_settle(batch: Any) -> None:
+        entered.set()
+        await release.wait()
+        await real_settle(batch)
+
+    consumer._settle = stuck_settle  # type: ignore[method-assign]
+    reply_to = await requester.reply_queue()
+    await requester.publish(invocation(service, service.did), reply_to=reply_to)
+    await asyncio.wait_for(entered.wait(), timeout=10)
+    assert (await check_readiness(worker.health)).ready  # pending, but not for long
+    # as if the stall had lasted longer than the readiness bound
+    tracker_clock = consumer._acks._clock
+    consumer._acks._clock = lambda: tracker_clock() + worker.health.stall_after + 1
+    readiness = await check_readiness(worker.health)
+    assert readiness.failed == ["progress"]
+    release.set()
+    await requester.next(reply_to)
+    await asyncio.wait_for(consumer.idle.wait(), timeout=10)
+    assert (await check_readiness(worker.health)).ready

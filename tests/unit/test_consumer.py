@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import aio_pika
 import asyncpg
 import pytest
 
@@ -139,3 +140,76 @@ def test_a_delivery_reads_what_the_consumer_uses_off_aiormqs_frames() -> None:
         )
     )
     assert bare.headers == {} and bare.reply_to is None and bare.redelivered is False
+
+
+def test_progress_is_the_last_ack_or_give_back_while_deliveries_are_pending() -> None:
+    now = [100.0]
+    acks = AckTracker(clock=lambda: now[0])
+    ch = object()
+    assert acks.stalled_for() == 0.0  # nothing pending
+    now[0] = 500.0
+    acks.received(ch, 1)  # pending from now on, not since the tracker was made
+    acks.received(ch, 2)
+    now[0] = 530.0
+    assert acks.stalled_for() == 30.0
+    assert acks.done(ch, [2]) is None  # 1 is pending below it: no progress on the broker
+    now[0] = 560.0
+    assert acks.stalled_for() == 60.0
+    # giving 1 back unblocks 2 and is progress
+    assert acks.forget(ch, 1) == 2
+    assert acks.unsettled() == 0 and acks.stalled_for() == 0.0
+
+
+def test_a_copy_that_cannot_be_written_leaves_out_what_cannot() -> None:
+    from worker import amqp_guard
+    from worker.broker import copy_of, safe_copy_of
+
+    bad = "\ufffd" * 90  # 270 bytes in UTF-8
+    msg = aio_pika.message.Message(
+        b"body",
+        correlation_id=bad,
+        app_id="ok",
+        headers={"big": list(range(128, 256)) * 400, "keep": 1},  # type: ignore[dict-item]
+    )
+    incoming: Any = SimpleNamespace(
+        body=msg.body,
+        headers=msg.headers,
+        correlation_id=msg.correlation_id,
+        reply_to=None,
+        message_id="m1",
+        timestamp=None,
+        content_type=None,
+        content_encoding=None,
+        type=None,
+        app_id="ok",
+    )
+    ours = {topology.H_REASON: "undecodable"}
+    plain = copy_of(incoming, "q.dlq", ours)
+    problem = amqp_guard.check_properties(plain.properties(), frame_max=65_536)
+    assert problem is not None and "cannot be encoded" in problem
+    safe = safe_copy_of(incoming, "q.dlq", ours, frame_max=65_536)
+    assert amqp_guard.check_properties(safe.properties(), frame_max=65_536) is None
+    assert safe.correlation_id is None and safe.app_id == "ok" and safe.message_id == "m1"
+    assert safe.headers[topology.H_ORIGINAL_PROPERTIES] == {"correlation_id": bad}
+    # the publisher's headers no longer fit the frame: left out, and said so
+    assert "big" not in safe.headers and "keep" not in safe.headers
+    assert "2 publisher headers left out" in safe.headers[topology.H_DROPPED_HEADERS]
+    assert safe.headers[topology.H_REASON] == "undecodable" and safe.body == b"body"
+
+
+@pytest.mark.parametrize(
+    ("props", "expected"),
+    [
+        ({"correlation_id": "x" * 255}, None),
+        ({"correlation_id": "é" * 128}, "cannot be encoded"),  # 256 bytes
+        ({"headers": {"f": 1e300}}, "cannot be encoded"),  # a 4-byte float cannot hold it
+        ({"headers": {"s": "x" * 70_000}}, "over the connection's frame size"),
+    ],
+)
+def test_which_properties_can_be_written(props: dict[str, Any], expected: str | None) -> None:
+    from aiormq import spec
+
+    from worker import amqp_guard
+
+    problem = amqp_guard.check_properties(spec.Basic.Properties(**props), frame_max=65_536)
+    assert (problem is None) if expected is None else (expected in str(problem))

@@ -19,6 +19,7 @@ class FakeProbes:
     consumer: bool = True
     database: bool = True
     key: bool = True
+    progress: bool = True
     database_error: Exception | None = None
     database_hangs: bool = False
 
@@ -37,6 +38,9 @@ class FakeProbes:
 
     def key_loaded(self) -> bool:
         return self.key
+
+    def deliveries_settling(self) -> bool:
+        return self.progress
 
 
 def _is_probes(p: Probes) -> Probes:
@@ -88,7 +92,7 @@ async def test_readyz_ready(server: HttpServer, metrics: Metrics) -> None:
     assert status == 200 and headers["content-type"] == "application/json"
     doc = json.loads(body)
     assert doc["ready"] is True and doc["failed"] == []
-    assert set(doc["checks"]) == {"broker", "consumer", "database", "key"}
+    assert set(doc["checks"]) == {"broker", "consumer", "database", "key", "progress"}
     assert metrics.registry.get_sample_value("forge_worker_ready") == 1
 
 
@@ -110,11 +114,12 @@ async def test_readyz_names_the_database_when_it_fails(
 
 
 async def test_readyz_reports_every_failure(server: HttpServer, probes: FakeProbes) -> None:
-    probes.broker = probes.consumer = probes.key = False
+    probes.broker = probes.consumer = probes.key = probes.progress = False
     probes.database_error = ConnectionRefusedError("refused")
     status, _, body = await get(server.port, "/readyz")
     doc = json.loads(body)
-    assert status == 503 and doc["failed"] == ["broker", "consumer", "database", "key"]
+    assert status == 503
+    assert doc["failed"] == ["broker", "consumer", "database", "key", "progress"]
     assert "ConnectionRefusedError" in doc["checks"]["database"]["error"]
 
 
