@@ -75,7 +75,7 @@ from tests.faults.harness import (  # noqa: E402
     worker_env,
 )
 from tests.faults.proxy import Proxy  # noqa: E402
-from worker import topology  # noqa: E402
+from worker.amqp import topology  # noqa: E402
 
 AMQP_URL = os.environ.get("FORGE_WORKER_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ADMIN_DSN = os.environ.get(

@@ -51,7 +51,8 @@ import aiormq.abc
 import uvloop
 from aiormq import spec
 
-from worker import batch_publish, topology
+from worker.amqp import topology
+from worker.service import batch_publish
 
 REPLY_BYTES = b"r" * 300
 PRODUCT = "did:web:hilt.fil-forge.com"
@@ -573,7 +574,7 @@ async def latency(
     """Publish ``bodies`` at ``rate``/s; publish -> receipt latency after ``warmup`` seconds.
 
     Every ``tick`` seconds the requests that have fallen due are written at once, each with
-    a publisher confirm (``worker.batch_publish``); receipts are read without acks. The
+    a publisher confirm (``worker.service.batch_publish``); receipts are read without acks. The
     generator talks aiormq directly because it shares the cores with what it measures: its
     CPU is reported (``cores.bench``) and is mostly wake-ups, so a coarser tick costs less.
     With ``meter_groups`` the CPU of those processes over the measured window is reported.

@@ -143,7 +143,7 @@ async def amqp(
 
 async def delete_queues(conn: aio_pika.abc.AbstractConnection, prefix: str) -> None:
     """Delete the inbox ``prefix`` and every queue derived from it (best effort)."""
-    from worker.topology import DEFAULT_RETRY_DELAYS, dead_letter_name, retry_names
+    from worker.amqp.topology import DEFAULT_RETRY_DELAYS, dead_letter_name, retry_names
 
     names = [prefix, dead_letter_name(prefix), f"{prefix}.receipts", *retry_names(prefix)]
     names += retry_names(prefix, DEFAULT_RETRY_DELAYS)

@@ -25,8 +25,8 @@ EXIT_UNREACHABLE: Final = 3
 
 #: command -> "module:function" of its handler
 HANDLERS: Final = {
-    "run": "worker.app:run_main",
-    "migrate": "worker.store:migrate_main",
+    "run": "worker.service.app:run_main",
+    "migrate": "worker.service.store:migrate_main",
     "inspect": "worker.inspect:inspect_main",
     "status": "worker.ops:status_main",
     "dlq": "worker.ops:dlq_main",
@@ -240,14 +240,11 @@ def _handler(command: str) -> Handler:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``forge-worker`` console script."""
-    # pamqp decodes nested AMQP header tables recursively: every command that reads messages
-    # (run, dlq list/show/replay) needs the room, or one dead letter with a header nested
-    # thousands deep stops them all (worker.app.RECURSION_LIMIT says why it is safe)
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 100_000))
-    # and its decoders must not raise on a header a publisher wrote (worker.amqp_guard)
-    from worker import amqp_guard
+    # pamqp's decoders must not raise on what a publisher wrote, nor recurse out of room on
+    # a nested header: every command that reads messages needs this (worker.amqp.guard)
+    from worker.amqp import guard
 
-    amqp_guard.install()
+    guard.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = {k.removeprefix("cfg_"): v for k, v in vars(args).items() if k.startswith("cfg_")}

@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Final
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq.exceptions
@@ -58,9 +57,11 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from worker import broker
+from worker.amqp.connect import redact
+from worker.amqp.publish import PublishFailed as _BrokerPublishFailed
+from worker.amqp.publish import publish_confirmed
+from worker.amqp.topology import CONTENT_TYPE
 from worker.errors import Unreachable, WorkerError
-from worker.topology import CONTENT_TYPE
 from worker.ucan import (
     CID,
     DecodeError,
@@ -145,7 +146,7 @@ class PublishFailed(ClientError):
     name = "PublishFailed"
 
 
-#: what to check after each way a publish can fail (see worker.broker.PublishFailed.kind)
+#: what to check after each way a publish can fail (see worker.amqp.publish.PublishFailed.kind)
 _PUBLISH_HINTS: Final = {
     "returned": " (no such queue: is the worker running?)",
     "nacked": " (is the inbox full?)",
@@ -381,15 +382,6 @@ def reply_queue_name(queue: str, client_id: str) -> str:
     return f"{queue}.replies.{client_id}"
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 # --- the client --------------------------------------------------------------------------
 
 
@@ -500,8 +492,7 @@ class Client:
             )
         except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
             raise Unreachable(
-                f"cannot reach the broker at {redact_url(self.amqp_url)}: "
-                f"{type(exc).__name__}: {exc}"
+                f"cannot reach the broker at {redact(self.amqp_url)}: {type(exc).__name__}: {exc}"
             ) from None
         try:
             self._channel = await self._connection.channel(
@@ -578,8 +569,8 @@ class Client:
             app_id="forge-worker-client",
         )
         try:
-            await broker.publish_confirmed(channel, message, self.queue, timeout=PUBLISH_TIMEOUT)
-        except broker.PublishFailed as exc:
+            await publish_confirmed(channel, message, self.queue, timeout=PUBLISH_TIMEOUT)
+        except _BrokerPublishFailed as exc:
             raise PublishFailed(f"{exc}{_PUBLISH_HINTS.get(exc.kind, '')}") from None
 
     async def call(

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from worker.amqp.topology import DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_DELAYS
 from worker.errors import ConfigError
-from worker.topology import DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_DELAYS
 
 PREFIX: Final = "FORGE_WORKER_"
 DEFAULT_KEY_PATH: Final = Path(".forge-worker/service.key")

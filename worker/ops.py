@@ -43,19 +43,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
 import asyncpg
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractMessage
 
-from worker import topology
+from worker.amqp import topology
+from worker.amqp.connect import BROKER_TIMEOUT, connect, redact
+from worker.amqp.queues import queue_depths
 from worker.config import Settings
 from worker.errors import Unreachable
-from worker.metrics import Metrics
 
 EXIT_OK: Final = 0
 EXIT_CHECK_FAILED: Final = 1
@@ -79,8 +78,6 @@ _DEATH_HEADERS: Final = frozenset(
 )
 _BROKER_HEADER_PREFIXES: Final = ("x-first-death-", "x-last-death-")
 
-#: seconds to wait for a broker answer (connect, declare, get, publish confirm)
-BROKER_TIMEOUT: Final = 30.0
 
 INSERT_AUDIT: Final = """
 INSERT INTO forge_worker.audit (action, message_id, invocation_cids, detail)
@@ -404,62 +401,6 @@ class Selection:
 # --------------------------------------------------------------------------- broker access
 
 
-def redact(url: str) -> str:
-    """``url`` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-async def connect(url: str) -> AbstractConnection:
-    """A plain (not robust) connection; failing to connect raises :class:`Unreachable`."""
-    try:
-        return await aio_pika.connect(url, timeout=BROKER_TIMEOUT)
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise Unreachable(f"cannot reach the broker at {redact(url)}: {detail}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class QueueDepth:
-    """A passive declare's answer: ready messages (unacked ones excluded) and consumers."""
-
-    ready: int
-    consumers: int
-
-
-async def queue_depths(
-    connection: AbstractConnection, names: Sequence[str]
-) -> dict[str, QueueDepth | None]:
-    """Depth and consumers of each queue (``None``: it does not exist), by passive declares.
-
-    Each declare runs on a raw channel of this call's own: a missing queue closes its
-    channel, and a robust channel would reopen and re-declare behind our back.
-    """
-    transport = connection.transport
-    if transport is None:
-        raise aiormq.exceptions.ConnectionClosed(320, "not connected")
-    out: dict[str, QueueDepth | None] = {}
-    channel: aiormq.abc.AbstractChannel | None = None
-    try:
-        for name in names:
-            if channel is None or channel.is_closed:
-                channel = await transport.connection.channel()
-            try:
-                async with asyncio.timeout(BROKER_TIMEOUT):  # see _get
-                    ok = await channel.queue_declare(name, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                out[name] = None
-                continue
-            out[name] = QueueDepth(ready=ok.message_count or 0, consumers=ok.consumer_count or 0)
-    finally:
-        if channel is not None and not channel.is_closed:
-            await channel.close()
-    return out
-
-
 async def _get(queue: aio_pika.abc.AbstractQueue) -> AbstractIncomingMessage | None:
     """``basic.get`` with manual ack, bounded by :data:`BROKER_TIMEOUT`.
 
@@ -727,8 +668,8 @@ def replay_copy(message: AbstractMessage, *, now: datetime, by: str) -> aio_pika
     ignores client-set ones, and stale ones mislead), and the worker's attempt, reason,
     error, origin queue and dead-lettered-at. So the replayed message gets a fresh retry
     budget, and if it dies again its dead letter tells the new reason, not the old one.
-    The broker's delivery counts are dropped. Adds :data:`~worker.topology.H_REPLAY_COUNT`,
-    :data:`~worker.topology.H_REPLAYED_AT` and :data:`H_REPLAYED_BY`.
+    The broker's delivery counts are dropped. Adds :data:`~worker.amqp.topology.H_REPLAY_COUNT`,
+    :data:`~worker.amqp.topology.H_REPLAYED_AT` and :data:`H_REPLAYED_BY`.
 
     ``user_id`` is dropped: the broker rejects a publish whose ``user_id`` is not the
     publishing user's. ``expiration`` is dropped: a replay must not vanish again on a stale
@@ -1231,101 +1172,3 @@ async def _dlq_action(
 def dlq_main(args: argparse.Namespace, settings: Settings) -> int:
     """``forge-worker dlq list|show|replay|purge``."""
     return asyncio.run(_dlq(args, settings))
-
-
-# --------------------------------------------------------------------------- depth poller
-
-
-class DepthPoller:
-    """Polls ready messages and consumers of the worker's queues into
-    ``Metrics.queue_depth`` / ``Metrics.queue_consumers`` (labelled by queue name).
-
-    Runs while entered; each round uses raw channels of its own (a missing queue closes
-    one) and never touches the worker's channels. A round that fails (the broker is
-    reconnecting) is skipped and logged; a missing queue has its series removed.
-    """
-
-    def __init__(
-        self,
-        connection: AbstractConnection,
-        queues: Sequence[str],
-        metrics: Metrics,
-        *,
-        interval: float = 15.0,
-    ) -> None:
-        self._connection = connection
-        self.queues = list(queues)
-        self._metrics = metrics
-        self._interval = interval
-        self._task: asyncio.Task[None] | None = None
-        self._round = asyncio.Condition()
-        #: completed rounds (successful or not)
-        self.rounds = 0
-        #: the last round's error, if it failed
-        self.last_error: BaseException | None = None
-
-    @classmethod
-    def for_settings(
-        cls,
-        connection: AbstractConnection,
-        settings: Settings,
-        metrics: Metrics,
-        *,
-        interval: float = 15.0,
-    ) -> DepthPoller:
-        """A poller of the inbox, its retry tiers and its dead-letter queue."""
-        names = [settings.queue, *topology.retry_names(settings.queue, settings.retry_delays)]
-        names.append(topology.dead_letter_name(settings.queue))
-        return cls(connection, names, metrics, interval=interval)
-
-    async def poll_once(self) -> dict[str, QueueDepth | None]:
-        """One round: passive declares, then the gauges."""
-        depths = await queue_depths(self._connection, self.queues)
-        for name, depth in depths.items():
-            if depth is None:
-                for gauge in (self._metrics.queue_depth, self._metrics.queue_consumers):
-                    with contextlib.suppress(KeyError):
-                        gauge.remove(name)
-                continue
-            self._metrics.queue_depth.labels(queue=name).set(depth.ready)
-            self._metrics.queue_consumers.labels(queue=name).set(depth.consumers)
-        return depths
-
-    async def wait_rounds(self, n: int) -> None:
-        """Wait until ``n`` rounds have completed in total."""
-        async with self._round:
-            await self._round.wait_for(lambda: self.rounds >= n)
-
-    async def _run(self) -> None:
-        from worker import log
-
-        logger = log.get_logger(component="depth_poller")
-        while True:
-            try:
-                await self.poll_once()
-                self.last_error = None
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the broker is away; the next round tries again
-                self.last_error = exc
-                logger.warning("queue_depth_poll_failed", error=f"{type(exc).__name__}: {exc}")
-            async with self._round:
-                self.rounds += 1
-                self._round.notify_all()
-            await asyncio.sleep(self._interval)
-
-    async def __aenter__(self) -> DepthPoller:
-        self._task = asyncio.create_task(self._run(), name="depth-poller")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

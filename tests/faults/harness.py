@@ -30,7 +30,8 @@ import aiormq
 import asyncpg
 
 from tests.faults.proxy import LOOPBACK, Proxy
-from worker import store, topology
+from worker.amqp import topology
+from worker.service import store
 from worker.ucan import (
     CID,
     CUSTOMER_ADD,

@@ -7,7 +7,7 @@ Fixtures (all function-scoped, isolated through ``queue_name`` and ``database_ur
 ``worker_settings``    :class:`Settings` for this test: its inbox ``queue_name``, receipts to
                        ``<queue_name>.receipts``, its own database, the ``service`` key, HTTP
                        off, retry tiers of 1 s and 2 s, a 10 s drain
-``worker``             a running worker (:class:`worker.app.App`) on ``worker_settings``;
+``worker``             a running worker (:class:`worker.service.app.App`) on ``worker_settings``;
                        stopped (drained) after the test. ``worker.metrics``, ``worker.health``,
                        ``worker.pool`` and ``worker.broker`` are live.
 ``requester``          :class:`Requester`: publish requests, await responses
@@ -32,9 +32,9 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from tests.faults.harness import FaultRig
-from worker.app import App, running
-from worker.broker import queue_declarations
 from worker.config import Secret, Settings
+from worker.service.app import App, running
+from worker.service.broker import queue_declarations
 from worker.ucan import (
     CID,
     CUSTOMER_ADD,

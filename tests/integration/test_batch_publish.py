@@ -1,4 +1,4 @@
-"""Publishing a batch in one write (worker/batch_publish.py) with the real RabbitMQ: every
+"""Publishing a batch in one write (worker/service/batch_publish.py) with the real RabbitMQ: every
 message confirmed or failed with its own reason, nothing left behind in aiormq's channel
 state, and the same outcomes on the fallback path of one ``basic_publish`` a message."""
 
@@ -17,9 +17,9 @@ import pytest
 
 from tests.faults.proxy import Proxy
 from tests.integration.conftest import QueueCleanup
-from worker import batch_publish
-from worker.broker import Broker, Outgoing
 from worker.config import Settings
+from worker.service import batch_publish
+from worker.service.broker import Broker, Outgoing
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,6 @@ import asyncpg
 import pytest
 
 from worker import cli
-from worker.app import running
 from worker.client import (
     Client,
     CustomerAdd,
@@ -27,6 +26,7 @@ from worker.client import (
     reply_queue_name,
 )
 from worker.config import Secret, Settings
+from worker.service.app import running
 from worker.ucan import (
     CID,
     Delegation,
@@ -220,7 +220,7 @@ async def test_timeout_then_resend_gets_the_receipt(
     )
     # declare the inbox as the worker will, so the publish is routable before it runs
     ch = await amqp.channel()
-    from worker.topology import inbox_arguments
+    from worker.amqp.topology import inbox_arguments
 
     await ch.declare_queue(queue_name, durable=True, arguments=inbox_arguments(queue_name))
     await ch.close()

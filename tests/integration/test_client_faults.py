@@ -14,10 +14,10 @@ import aio_pika
 import pytest
 
 from tests.faults.proxy import Proxy
-from worker.app import running
+from worker.amqp.topology import inbox_arguments
 from worker.client import Client, CustomerAdd, reply_queue_name
 from worker.config import Secret, Settings
-from worker.topology import inbox_arguments
+from worker.service.app import running
 from worker.ucan import Signer
 
 pytestmark = pytest.mark.integration

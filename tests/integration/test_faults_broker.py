@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.faults.harness import FaultRig, free_port, poll_until, readiness
-from worker import topology
+from worker.amqp import topology
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,12 @@ import asyncpg
 import pytest
 
 from tests.faults.proxy import Proxy
-from worker import ops, store, topology
+from worker.amqp import topology
 from worker.config import Settings
-from worker.http import serve_http
-from worker.metrics import Metrics
+from worker.service import store
+from worker.service.depth import DepthPoller
+from worker.service.http import serve_http
+from worker.service.metrics import Metrics
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +128,7 @@ async def test_metrics_carry_polled_queue_depths(
             return True
 
     async with (
-        ops.DepthPoller.for_settings(amqp, settings, metrics, interval=3600) as poller,
+        DepthPoller.for_settings(amqp, settings, metrics, interval=3600) as poller,
         serve_http("127.0.0.1", 0, metrics, Ready(None)) as srv,
     ):
         await poller.wait_rounds(1)

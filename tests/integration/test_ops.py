@@ -16,9 +16,13 @@ import aio_pika
 import asyncpg
 import pytest
 
-from worker import cli, ops, store, topology
+from worker import cli, ops
+from worker.amqp import topology
+from worker.amqp.queues import queue_depths
 from worker.config import Settings
-from worker.metrics import Metrics
+from worker.service import store
+from worker.service.depth import DepthPoller
+from worker.service.metrics import Metrics
 from worker.ucan import Signer, customer_add_args, decode_request, encode_container
 from worker.ucan import encode_invocation as _encode_invocation
 
@@ -86,7 +90,7 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def depth(conn: aio_pika.abc.AbstractConnection, queue: str) -> int:
-    found = (await ops.queue_depths(conn, [queue]))[queue]
+    found = (await queue_depths(conn, [queue]))[queue]
     assert found is not None
     return found.ready
 
@@ -568,7 +572,7 @@ async def test_depth_poller_sets_gauges(amqp, channel, settings) -> None:
         )
     dlq = topology.dead_letter_name(settings.queue)
     await channel.default_exchange.publish(aio_pika.Message(b"d"), routing_key=dlq)
-    poller = ops.DepthPoller.for_settings(amqp, settings, metrics, interval=3600)
+    poller = DepthPoller.for_settings(amqp, settings, metrics, interval=3600)
     assert poller.queues == [
         settings.queue,
         *topology.retry_names(settings.queue, settings.retry_delays),
@@ -609,7 +613,7 @@ async def test_replay_without_the_database_moves_nothing_and_exits_3(
     assert await run_cli("dlq", "replay", "--all", "--dry-run", *args) == 0
 
 
-def _error(poller: ops.DepthPoller) -> BaseException | None:
+def _error(poller: DepthPoller) -> BaseException | None:
     return poller.last_error  # read afresh (mypy would keep an earlier narrowing)
 
 
@@ -627,7 +631,7 @@ async def test_depth_poller_survives_a_broker_cut(amqp_url, channel, settings) -
         reconnected = asyncio.Event()
         conn.reconnect_callbacks.add(lambda *_: reconnected.set())
         try:
-            async with ops.DepthPoller(conn, [settings.queue], metrics, interval=0.05) as poller:
+            async with DepthPoller(conn, [settings.queue], metrics, interval=0.05) as poller:
                 await poller.wait_rounds(1)
                 assert poller.last_error is None
                 proxy.refuse()

@@ -17,9 +17,10 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from tests.integration.conftest import Requester, invocation, receipts_of, task_of
-from worker import cli, ops, topology
-from worker.app import App, running
+from worker import cli, ops
+from worker.amqp import topology
 from worker.config import Settings
+from worker.service.app import App, running
 from worker.ucan import Signer
 
 pytestmark = pytest.mark.integration

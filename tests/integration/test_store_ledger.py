@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from worker import store
 from worker.commands import customer_add
 from worker.commands.customer_add import AddArguments
+from worker.service import store
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from tests.integration.conftest import (
     receipts_of,
     task_of,
 )
-from worker import topology
-from worker.app import App
+from worker.amqp import topology
+from worker.service.app import App
 from worker.ucan import Signer, build_receipt, encode
 
 pytestmark = pytest.mark.integration

@@ -24,13 +24,14 @@ from tests.integration.conftest import (
     receipts_of,
     task_of,
 )
-from worker import store, topology
-from worker.app import App, running
-from worker.broker import Broker
+from worker.amqp import topology
 from worker.config import Settings
-from worker.consumer import Consumer
 from worker.log import get_logger
-from worker.metrics import Metrics
+from worker.service import store
+from worker.service.app import App, running
+from worker.service.broker import Broker
+from worker.service.consumer import Consumer
+from worker.service.metrics import Metrics
 from worker.ucan import Resolver, Signer, verify_signature
 
 pytestmark = pytest.mark.integration
@@ -347,7 +348,7 @@ async def test_a_batch_whose_settling_fails_is_given_back_and_answered_again(
 async def test_readiness_turns_false_while_deliveries_stop_being_settled(
     worker: App, requester: Requester, service: Signer
 ) -> None:
-    from worker.http import check_readiness
+    from worker.service.http import check_readiness
 
     consumer = worker.consumer
     assert consumer is not None

@@ -19,8 +19,8 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from tests.integration.conftest import QueueCleanup, Requester, invocation, receipts_of
-from worker import store
 from worker.config import Settings
+from worker.service import store
 from worker.ucan import Signer
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from tests.integration.conftest import Requester
 from tests.security.helpers import NOW, customer_did, dlg, inv, old_glob_regex
 from worker import commands
-from worker.app import App
 from worker.commands import CommandError
+from worker.service.app import App
 from worker.ucan import (
     CID,
     Delegation,

@@ -23,14 +23,15 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from tests.security.helpers import customer_did, dlg, inv
-from worker import store, topology
-from worker.app import App
-from worker.broker import Broker
+from worker.amqp import topology
 from worker.commands import customer_add
 from worker.config import Settings
-from worker.consumer import Consumer
 from worker.log import get_logger
-from worker.metrics import Metrics
+from worker.service import store
+from worker.service.app import App
+from worker.service.broker import Broker
+from worker.service.consumer import Consumer
+from worker.service.metrics import Metrics
 from worker.ucan import DecodeError, Signer, decode_request, encode_container
 
 pytestmark = pytest.mark.integration
@@ -451,7 +452,7 @@ def test_settling_on_a_dropped_channel_does_not_crash_the_batch() -> None:
     """After a connection loss a batch can hold deliveries of the dead channel and the new
     one; settling the dead channel's raised KeyError, and the live channel's deliveries in
     the same batch were never acked (their prefetch slots lost until a restart)."""
-    from worker.consumer import AckTracker
+    from worker.service.consumer import AckTracker
 
     acks = AckTracker()
     dead, live = object(), object()

@@ -21,11 +21,11 @@ from aio_pika.abc import AbstractRobustConnection
 
 from tests.security.helpers import dlg, inv
 from worker import config
-from worker.app import running
 from worker.config import Secret, Settings
 from worker.errors import ConfigError
 from worker.keyfile import load_service_key
 from worker.log import get_logger
+from worker.service.app import running
 from worker.ucan import DecodeError, Signer, encode_container
 
 KEY_SIGNER = Signer.generate()

@@ -26,9 +26,9 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from tests.integration.conftest import QueueCleanup
 from tests.security.helpers import customer_did, inv
-from worker import topology
-from worker.app import App, running
+from worker.amqp import topology
 from worker.config import Settings
+from worker.service.app import App, running
 from worker.ucan import decode_request
 
 pytestmark = pytest.mark.integration

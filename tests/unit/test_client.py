@@ -15,7 +15,6 @@ from worker.client import (
     command_covers,
     load_proofs,
     proof_chain,
-    redact_url,
     reply_queue_arguments,
     reply_queue_name,
     verify_response,
@@ -319,8 +318,3 @@ def test_load_proofs(tmp_path, service: Signer, hilt: Signer) -> None:
 def test_reply_queue_naming_and_arguments() -> None:
     assert reply_queue_name("ucan.invocations", "hilt-1") == "ucan.invocations.replies.hilt-1"
     assert reply_queue_arguments(60) == {"x-queue-type": "quorum", "x-expires": 60_000}
-
-
-def test_redact_url() -> None:
-    assert redact_url("amqp://forge:s3cret@host:5672/") == "amqp://forge:***@host:5672/"
-    assert redact_url("amqp://host/") == "amqp://host/"

@@ -9,8 +9,8 @@ import aio_pika
 import asyncpg
 import pytest
 
-from worker import topology
-from worker.consumer import AckTracker, _attempt, is_transient_db_error
+from worker.amqp import topology
+from worker.service.consumer import AckTracker, _attempt, is_transient_db_error
 
 
 def test_acks_cover_only_tags_with_nothing_unsettled_below() -> None:
@@ -63,7 +63,7 @@ def test_failure_classes_of_database_errors() -> None:
 def test_a_copy_keeps_the_properties_and_drops_the_brokers_death_history() -> None:
     from datetime import UTC, datetime
 
-    from worker.broker import copy_of
+    from worker.service.broker import copy_of
 
     when = datetime(2026, 1, 2, tzinfo=UTC)
     original: Any = SimpleNamespace(
@@ -96,7 +96,7 @@ def test_a_delivery_reads_what_the_consumer_uses_off_aiormqs_frames() -> None:
     from pamqp import commands as spec
     from pamqp.header import ContentHeader
 
-    from worker.broker import Delivery, copy_of
+    from worker.service.broker import Delivery, copy_of
 
     when = datetime(2026, 11, 25, tzinfo=UTC)
     props = spec.Basic.Properties(
@@ -161,8 +161,8 @@ def test_progress_is_the_last_ack_or_give_back_while_deliveries_are_pending() ->
 
 
 def test_a_copy_that_cannot_be_written_leaves_out_what_cannot() -> None:
-    from worker import amqp_guard
-    from worker.broker import copy_of, safe_copy_of
+    from worker.amqp import guard
+    from worker.service.broker import copy_of, safe_copy_of
 
     bad = "\ufffd" * 90  # 270 bytes in UTF-8
     msg = aio_pika.message.Message(
@@ -185,10 +185,10 @@ def test_a_copy_that_cannot_be_written_leaves_out_what_cannot() -> None:
     )
     ours = {topology.H_REASON: "undecodable"}
     plain = copy_of(incoming, "q.dlq", ours)
-    problem = amqp_guard.check_properties(plain.properties(), frame_max=65_536)
+    problem = guard.check_properties(plain.properties(), frame_max=65_536)
     assert problem is not None and "cannot be encoded" in problem
     safe = safe_copy_of(incoming, "q.dlq", ours, frame_max=65_536)
-    assert amqp_guard.check_properties(safe.properties(), frame_max=65_536) is None
+    assert guard.check_properties(safe.properties(), frame_max=65_536) is None
     assert safe.correlation_id is None and safe.app_id == "ok" and safe.message_id == "m1"
     assert safe.headers[topology.H_ORIGINAL_PROPERTIES] == {"correlation_id": bad}
     # the publisher's headers no longer fit the frame: left out, and said so
@@ -209,7 +209,7 @@ def test_a_copy_that_cannot_be_written_leaves_out_what_cannot() -> None:
 def test_which_properties_can_be_written(props: dict[str, Any], expected: str | None) -> None:
     from aiormq import spec
 
-    from worker import amqp_guard
+    from worker.amqp import guard
 
-    problem = amqp_guard.check_properties(spec.Basic.Properties(**props), frame_max=65_536)
+    problem = guard.check_properties(spec.Basic.Properties(**props), frame_max=65_536)
     assert (problem is None) if expected is None else (expected in str(problem))

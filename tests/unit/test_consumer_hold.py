@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import structlog
 
-from worker import consumer as consumer_mod
-from worker import store as store_mod
 from worker.config import Settings
-from worker.consumer import Consumer, Item, Job
-from worker.metrics import Metrics
+from worker.service import consumer as consumer_mod
+from worker.service import store as store_mod
+from worker.service.consumer import Consumer, Item, Job
+from worker.service.metrics import Metrics
 from worker.ucan import Signer
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from prometheus_client.metrics_core import Metric
 
-from worker.metrics import Metrics
+from worker.service.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -119,7 +119,7 @@ def test_dashboard_is_well_formed() -> None:
         for t in p["targets"]:
             assert _balanced(t["expr"]), p["title"]
     # queue regexes in the exported JSON match the names topology gives the queues
-    from worker import topology
+    from worker.amqp import topology
 
     inbox_only = re.compile(r".+\.(dlq|retry\.[0-9]+s)")
     assert inbox_only.fullmatch(topology.dead_letter_name("ucan.invocations"))

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from worker.http import HttpServer, Probes, check_readiness, serve_http
-from worker.metrics import Metrics
+from worker.service.http import HttpServer, Probes, check_readiness, serve_http
+from worker.service.metrics import Metrics
 
 
 @dataclass
@@ -126,7 +126,7 @@ async def test_readyz_reports_every_failure(server: HttpServer, probes: FakeProb
 async def test_a_hanging_database_probe_times_out(
     probes: FakeProbes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.http.PROBE_TIMEOUT", 0.05)
+    monkeypatch.setattr("worker.service.http.PROBE_TIMEOUT", 0.05)
     probes.database_hangs = True
     readiness = await check_readiness(probes)
     assert readiness.failed == ["database"]
@@ -189,7 +189,7 @@ async def test_a_failing_handler_answers_500_and_the_server_lives_on(
     def broken(registry: object) -> bytes:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("worker.http.generate_latest", broken)
+    monkeypatch.setattr("worker.service.http.generate_latest", broken)
     status, _, body = await get(server.port, "/metrics")
     assert status == 500 and b"RuntimeError" in body
     assert (await get(server.port, "/healthz"))[0] == 200

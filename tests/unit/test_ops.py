@@ -11,7 +11,8 @@ from typing import Any
 import aio_pika
 import pytest
 
-from worker import cli, ops, topology
+from worker import cli, ops
+from worker.amqp import topology
 from worker.config import Settings
 from worker.ucan import Signer, customer_add_args, encode_container, encode_invocation
 
@@ -257,8 +258,11 @@ def test_worker_queues_cover_inbox_retries_dlq_receipts() -> None:
 
 
 def test_redact_hides_the_password() -> None:
-    assert ops.redact("amqp://u:secret@h:5672/v") == "amqp://u:***@h:5672/v"
-    assert ops.redact("amqp://h/") == "amqp://h/"
+    from worker.amqp.connect import redact
+
+    assert redact("amqp://u:secret@h:5672/v") == "amqp://u:***@h:5672/v"
+    assert redact("amqp://h/") == "amqp://h/"
+    assert redact("amqp://forge:s3cret@host:5672/") == "amqp://forge:***@host:5672/"
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import store
+from worker.service import store
 
 
 def test_shipped_migrations_are_numbered_from_one_without_gaps() -> None:

@@ -20,7 +20,7 @@ from typing import Final, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from worker.metrics import Metrics
+from worker.service.metrics import Metrics
 
 #: seconds a client has to send its request line and headers
 READ_TIMEOUT: Final = 5.0

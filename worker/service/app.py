@@ -6,9 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import importlib.util
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -16,33 +14,30 @@ from typing import Any, Final
 
 import asyncpg
 
-from worker import amqp_guard, store
 from worker import log as logs
-from worker.broker import Broker
+from worker.amqp import guard
 from worker.config import Settings
-from worker.consumer import Consumer
 from worker.errors import Unreachable
 from worker.keyfile import ServiceKey, load_service_key
-from worker.metrics import Metrics
+from worker.service import store
+from worker.service.broker import Broker
+from worker.service.consumer import Consumer
+from worker.service.depth import DepthPoller
+from worker.service.http import serve_http
+from worker.service.metrics import Metrics
 
 HTTP_HOST: Final = "127.0.0.1"
 #: seconds deliveries may stay pending with none of them settled before the worker stops
 #: being ready: longer than the slowest legitimate settle (a batch held DB_HOLD for a lost
 #: database, then its statement's DB_TIMEOUT, its receipts' and its successors' confirms)
 STALL_AFTER: Final = 120.0
-#: seconds between queue-depth polls (worker.ops.DepthPoller)
+#: seconds between queue-depth polls (worker.service.depth.DepthPoller)
 DEPTH_POLL_INTERVAL: Final = 15.0
-#: Python frames allowed: pamqp decodes (and encodes) nested header tables recursively, two
-#: frames a level, and one frame (128 KiB) holds ~22,000 levels. At the default of 1,000 a
-#: publisher's nested header raised RecursionError in the connection's reader: the
-#: connection dropped, the message came back, and the worker was down until the broker's
-#: delivery limit. Python-to-Python calls use no C stack (3.11+), so this is heap only.
-RECURSION_LIMIT: Final = 100_000
 
 
 @dataclass
 class Health:
-    """The readiness facts (``worker.http.Probes``): can this worker make progress?"""
+    """The readiness facts (``worker.service.http.Probes``): can this worker make progress?"""
 
     broker: Broker | None = None
     pool: asyncpg.Pool | None = None
@@ -86,7 +81,7 @@ class Health:
 
 @dataclass
 class App:
-    """One running worker: what it is made of, for the HTTP server, ops and tests."""
+    """One running worker: what it is made of, for the HTTP server and tests."""
 
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
@@ -172,8 +167,7 @@ async def running(
         Unreachable: the broker or the database cannot be reached.
     """
     log = logs.get_logger()
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
-    amqp_guard.install()
+    guard.install()
     app = App(settings)
     app.key = key or load_service_key(settings, log)
     app.health.key = app.key
@@ -199,21 +193,16 @@ async def running(
         app.health.broker = app.broker
         await app.broker.declare_topology()
 
-        if settings.http_port and importlib.util.find_spec("worker.http") is not None:
-            from worker.http import serve_http
-
+        if settings.http_port:
             server = await stack.enter_async_context(
                 serve_http(HTTP_HOST, settings.http_port, app.metrics, app.health)
             )
             app.http_port = server.port
             log.info("http_serving", host=HTTP_HOST, port=server.port)
-        if importlib.util.find_spec("worker.ops") is not None:
-            from worker.ops import DepthPoller
-
-            poller = DepthPoller.for_settings(
-                app.broker.connection, settings, app.metrics, interval=DEPTH_POLL_INTERVAL
-            )
-            await stack.enter_async_context(_stopping_within(poller, "depth_poller", stragglers))
+        poller = DepthPoller.for_settings(
+            app.broker.connection, settings, app.metrics, interval=DEPTH_POLL_INTERVAL
+        )
+        await stack.enter_async_context(_stopping_within(poller, "depth_poller", stragglers))
 
         app.consumer = Consumer(settings, app.broker, app.pool, app.key.signer, app.metrics, log)
         app.health.consumer = app.consumer

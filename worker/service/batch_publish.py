@@ -26,7 +26,7 @@ from aiormq import spec
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import PublishError
 
-from worker import amqp_guard
+from worker.amqp import guard
 
 #: the aiormq channel attributes the one-write path uses
 _NEEDED: Final = (
@@ -59,7 +59,7 @@ async def publish_batch(
 
     Returns, per message in order, None when the broker confirmed it, else the exception:
     aiormq's ``PublishError`` (returned), ``DeliveryError`` (nacked), ``TimeoutError`` (no
-    confirm in time), :class:`worker.amqp_guard.Unencodable` (never sent: a property or
+    confirm in time), :class:`worker.amqp.guard.Unencodable` (never sent: a property or
     header that cannot be written, checked message by message so that it fails alone) or
     whatever the closing channel failed it with.
 
@@ -82,7 +82,7 @@ async def publish_batch(
                 try:
                     # each message on its own: one that cannot be written fails alone
                     payloads.append(
-                        amqp_guard.encode_publish(
+                        guard.encode_publish(
                             channel.number,
                             routing_key,
                             properties,
@@ -90,7 +90,7 @@ async def publish_batch(
                             frame_max=frame_max,
                         )
                     )
-                except amqp_guard.Unencodable as exc:
+                except guard.Unencodable as exc:
                     results[i] = exc
                     continue
                 channel.delivery_tag += 1
@@ -146,7 +146,7 @@ def frame_size(channel: Any) -> int:
     """The frame_max the channel's connection negotiated (RabbitMQ's default if unknown)."""
     tune = getattr(getattr(channel, "connection", None), "connection_tune", None)
     size = getattr(tune, "frame_max", None)
-    return size if isinstance(size, int) and size > 0 else amqp_guard.DEFAULT_FRAME_MAX
+    return size if isinstance(size, int) and size > 0 else guard.DEFAULT_FRAME_MAX
 
 
 def _forget(channel: Any, tags: list[tuple[int, str]]) -> None:

@@ -12,7 +12,6 @@ from typing import Any, Final
 import aio_pika
 import aiormq
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -20,9 +19,11 @@ from aio_pika.abc import (
 )
 from aiormq import spec
 
-from worker import amqp_guard, batch_publish, topology
+from worker.amqp import guard, topology
+from worker.amqp.publish import PublishFailed, as_publish_failed
 from worker.config import Settings
-from worker.errors import ConfigError, Transient, Unreachable
+from worker.errors import ConfigError, Unreachable
+from worker.service import batch_publish
 
 #: seconds to wait for the broker to confirm one publish before calling it transient
 PUBLISH_TIMEOUT: Final = 10.0
@@ -31,61 +32,6 @@ CONNECT_TIMEOUT: Final = 10.0
 
 #: seconds between reconnect attempts after the broker connection is lost
 RECONNECT_INTERVAL: Final = 1.0
-
-
-class PublishFailed(Transient):
-    """The broker did not confirm a publish (nack, return, timeout or lost channel).
-
-    ``kind`` says which: ``returned`` (no queue took it), ``nacked`` (the broker refused
-    it, e.g. a full queue with ``reject-publish``), ``timeout`` (no confirm in time),
-    ``lost`` (the channel or connection went away) or ``unencodable`` (never sent: a
-    property or header that cannot be written; sending it again fails the same way); only
-    after ``returned``, ``nacked`` and ``unencodable`` is it certain the broker did not
-    keep the message.
-    """
-
-    def __init__(self, message: str, *, kind: str = "lost") -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-async def publish_confirmed(
-    channel: AbstractChannel,
-    message: aio_pika.Message,
-    routing_key: str,
-    *,
-    timeout: float,  # noqa: ASYNC109 - the confirm's own deadline
-) -> None:
-    """Publish ``message`` through the default exchange, ``mandatory``, and wait for its
-    publisher confirm.
-
-    Raises:
-        PublishFailed: with ``kind`` returned, nacked, timeout or lost.
-    """
-    try:
-        await channel.default_exchange.publish(
-            message, routing_key, mandatory=True, timeout=timeout
-        )
-    except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-        raise as_publish_failed(exc, routing_key, timeout) from None
-
-
-def as_publish_failed(exc: BaseException, routing_key: str, timeout: float) -> PublishFailed:
-    """The one place that names how a publish failed (see :class:`PublishFailed`)."""
-    where = f"cannot publish to {routing_key!r}"
-    if isinstance(exc, PublishFailed):
-        return exc
-    if isinstance(exc, amqp_guard.ENCODE_ERRORS):  # (Unencodable is a ValueError)
-        return PublishFailed(f"{where}: {exc}", kind="unencodable")
-    if isinstance(exc, aiormq.exceptions.PublishError):
-        return PublishFailed(
-            f"{where}: returned by the broker ({_reply_text(exc)})", kind="returned"
-        )
-    if isinstance(exc, aiormq.exceptions.DeliveryError):
-        return PublishFailed(f"{where}: nacked", kind="nacked")
-    if isinstance(exc, TimeoutError):
-        return PublishFailed(f"{where}: no confirm within {timeout:g} s", kind="timeout")
-    return PublishFailed(f"{where}: {type(exc).__name__}", kind="lost")
 
 
 class Delivery:
@@ -217,12 +163,12 @@ def safe_copy_of(
     msg: Incoming, routing_key: str, headers: Mapping[str, Any], *, frame_max: int
 ) -> Outgoing:
     """A copy of ``msg`` that can always be written, for a dead letter whose
-    :func:`copy_of` cannot be (see :func:`worker.amqp_guard.encode_publish`).
+    :func:`copy_of` cannot be (see :func:`worker.amqp.guard.encode_publish`).
 
     A property over 255 bytes in UTF-8 is left out and kept, as a long string, under
-    :data:`~worker.topology.H_ORIGINAL_PROPERTIES`; if the publisher's headers still cannot
+    :data:`~worker.amqp.topology.H_ORIGINAL_PROPERTIES`; if the publisher's headers still cannot
     be written (a value pamqp cannot encode, or more than one frame), they are left out and
-    :data:`~worker.topology.H_DROPPED_HEADERS` says why. The body is kept as it is, so the
+    :data:`~worker.amqp.topology.H_DROPPED_HEADERS` says why. The body is kept as it is, so the
     dead letter stays inspectable (``dlq show``) and can be replayed.
     """
     kept: dict[str, str] = {}
@@ -231,7 +177,7 @@ def safe_copy_of(
         value = getattr(msg, name)
         if value is None:
             continue
-        if amqp_guard.shortstr_ok(value):
+        if guard.shortstr_ok(value):
             kept[name] = value
         else:
             originals[name] = value[:1024]
@@ -246,7 +192,7 @@ def safe_copy_of(
         timestamp=msg.timestamp,
         **kept,
     )
-    problem = amqp_guard.check_properties(out.properties(), frame_max=frame_max)
+    problem = guard.check_properties(out.properties(), frame_max=frame_max)
     if problem is not None:
         ours[topology.H_DROPPED_HEADERS] = f"{len(theirs)} publisher headers left out: {problem}"
         out = Outgoing(
@@ -434,14 +380,14 @@ class Broker:
         transport = self.connection.transport
         tune = getattr(getattr(transport, "connection", None), "connection_tune", None)
         size = getattr(tune, "frame_max", None)
-        return size if isinstance(size, int) and size > 0 else amqp_guard.DEFAULT_FRAME_MAX
+        return size if isinstance(size, int) and size > 0 else guard.DEFAULT_FRAME_MAX
 
     def unencodable(self, out: Outgoing) -> str | None:
-        """Why ``out`` cannot be written (see :func:`worker.amqp_guard.encode_publish`), or
+        """Why ``out`` cannot be written (see :func:`worker.amqp.guard.encode_publish`), or
         None when it can."""
-        if not amqp_guard.shortstr_ok(out.routing_key):
+        if not guard.shortstr_ok(out.routing_key):
             return f"the routing key is {len(out.routing_key.encode())} bytes in UTF-8"
-        return amqp_guard.check_properties(out.properties(), frame_max=self.frame_max)
+        return guard.check_properties(out.properties(), frame_max=self.frame_max)
 
     @property
     def connected(self) -> bool:
@@ -468,7 +414,7 @@ class Broker:
         """Publish each persistent and ``mandatory``, together, and wait for every confirm.
 
         The worker's hot path (a batch's receipts): the frames go in one write onto the live
-        aiormq channel under the robust one (:mod:`worker.batch_publish`), with the AMQP
+        aiormq channel under the robust one (:mod:`worker.service.batch_publish`), with the AMQP
         properties built directly rather than through aio-pika ``Message`` objects.
 
         Returns:
@@ -514,19 +460,12 @@ async def _publish_each(
     message that cannot be written fails alone, before anything is sent."""
 
     async def one(key: str, body: bytes, props: spec.Basic.Properties) -> None:
-        problem = amqp_guard.check_properties(props, frame_max=frame_max)
-        if problem is not None or not amqp_guard.shortstr_ok(key):
-            raise amqp_guard.Unencodable(problem or "the routing key is over 255 bytes")
+        problem = guard.check_properties(props, frame_max=frame_max)
+        if problem is not None or not guard.shortstr_ok(key):
+            raise guard.Unencodable(problem or "the routing key is over 255 bytes")
         await channel.basic_publish(
             body, exchange="", routing_key=key, properties=props, mandatory=True, timeout=timeout
         )
 
     each = await asyncio.gather(*(one(*m) for m in messages), return_exceptions=True)
     return [r if isinstance(r, BaseException) else None for r in each]
-
-
-def _reply_text(exc: aiormq.exceptions.PublishError) -> str:
-    returned = getattr(exc, "message", None)
-    frame = getattr(returned, "delivery", None)
-    text = getattr(frame, "reply_text", None)
-    return str(text) if text else "unroutable"

@@ -10,14 +10,17 @@ dead-letter tools. pamqp 4.0 raised on a timestamp past year 9999 (``ValueError`
 raise on well-framed data: timestamps are clamped to ``datetime.max``, and text that is not
 UTF-8 is decoded with U+FFFD replacements (the worker never trusts either).
 
-Nested header tables are the other hazard (pamqp recurses); ``worker.app.RECURSION_LIMIT``
-covers them.
+Nested header tables are the other hazard: pamqp decodes (and encodes) them recursively,
+and :data:`RECURSION_LIMIT` covers them.
+
+What the worker writes is checked here too, message by message (:func:`encode_publish`).
 """
 
 from __future__ import annotations
 
 import datetime
 import struct
+import sys
 from typing import Any, Final
 
 from pamqp import common, decode, frame
@@ -25,6 +28,12 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 _CLAMPED: Final = datetime.datetime.max.replace(tzinfo=datetime.UTC)
+#: Python frames allowed: pamqp decodes (and encodes) nested header tables recursively, two
+#: frames a level, and one frame (128 KiB) holds ~22,000 levels. At the default of 1,000 a
+#: publisher's nested header raised RecursionError in the connection's reader: the
+#: connection dropped, the message came back, and the worker was down until the broker's
+#: delivery limit. Python-to-Python calls use no C stack (3.11+), so this is heap only.
+RECURSION_LIMIT: Final = 100_000
 
 
 def _timestamp(value: bytes) -> tuple[int, datetime.datetime]:
@@ -73,7 +82,10 @@ def _field_table(value: bytes) -> tuple[int, common.FieldTable]:
 
 
 def install() -> None:
-    """Replace pamqp's raising decoders (idempotent; process-wide)."""
+    """Replace pamqp's raising decoders and raise the recursion limit to
+    :data:`RECURSION_LIMIT` (idempotent; process-wide). Every command that reads messages
+    (``run``, ``dlq``, ``status``, the client) needs both."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     decode.METHODS["timestamp"] = _timestamp
     decode.METHODS["shortstr"] = _short_str
     decode.METHODS["table"] = _field_table

@@ -33,11 +33,12 @@ from typing import Any, Final
 import asyncpg
 from structlog.typing import FilteringBoundLogger
 
-from worker import amqp_guard, store, topology
-from worker.broker import Broker, Incoming, Outgoing, copy_of, safe_copy_of
+from worker.amqp import guard, topology
 from worker.commands import CommandError, Handler, lookup
 from worker.config import Settings
-from worker.metrics import Metrics
+from worker.service import store
+from worker.service.broker import Broker, Incoming, Outgoing, copy_of, safe_copy_of
+from worker.service.metrics import Metrics
 from worker.ucan import (
     DecodeError,
     Invocation,
@@ -495,11 +496,11 @@ class Consumer:
         to = topology.response_queue(msg.reply_to, self.settings.receipt_queue)
         correlation = msg.correlation_id or msg.message_id
         for name, value in (("reply_to", to), ("correlation id", correlation)):
-            if not amqp_guard.shortstr_ok(value):
+            if not guard.shortstr_ok(value):
                 assert value is not None
                 return (
                     f"cannot answer: its {name} is {len(value.encode())} bytes in UTF-8, "
-                    f"more than AMQP's {amqp_guard.SHORTSTR_MAX}"
+                    f"more than AMQP's {guard.SHORTSTR_MAX}"
                 )
         return None
 
@@ -790,7 +791,7 @@ class Consumer:
     def _successor(self, item: Item, now: float) -> tuple[Outgoing, str]:
         """Where a failed message goes next: a retry tier, or the dead-letter queue. A copy
         that cannot be written (a property or header of the publisher's) makes the message
-        a dead letter with those left out (:func:`worker.broker.safe_copy_of`)."""
+        a dead letter with those left out (:func:`worker.service.broker.safe_copy_of`)."""
         msg, q = item.msg, self.settings.queue
         attempts = item.attempt + 1
         first = (msg.headers or {}).get(topology.H_FIRST_ARRIVAL)

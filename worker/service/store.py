@@ -85,7 +85,7 @@ class Migration:
 
 def migrations_dir() -> Path:
     """``schemas/migrations`` of the checkout, or the copy packed into the wheel."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the worker package
     for candidate in (here.parent / "schemas" / "migrations", here / "_schemas" / "migrations"):
         if candidate.is_dir():
             return candidate
