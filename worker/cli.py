@@ -13,23 +13,24 @@ from collections.abc import Sequence
 from typing import Final, Protocol
 
 from worker import config
-from worker.errors import ConfigError, Unreachable
+from worker.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    ConfigError,
+    Unreachable,
+)
 
-EXIT_OK: Final = 0
-#: a check failed (an invalid invocation in ``inspect``, a receipt with an error, ...)
-EXIT_CHECK_FAILED: Final = 1
-#: usage or configuration error
-EXIT_USAGE: Final = 2
-#: the broker or the database cannot be reached
-EXIT_UNREACHABLE: Final = 3
+__all__ = ["EXIT_CHECK_FAILED", "EXIT_OK", "EXIT_UNREACHABLE", "EXIT_USAGE", "main"]
 
 #: command -> "module:function" of its handler
 HANDLERS: Final = {
     "run": "worker.service.app:run_main",
     "migrate": "worker.service.store:migrate_main",
-    "inspect": "worker.inspect:inspect_main",
-    "status": "worker.ops:status_main",
-    "dlq": "worker.ops:dlq_main",
+    "inspect": "worker.operate.inspect:inspect_main",
+    "status": "worker.operate.status:status_main",
+    "dlq": "worker.operate.dlq:dlq_main",
     "keygen": "worker.producer:keygen_main",
     "delegate": "worker.producer:delegate_main",
     "enqueue": "worker.producer:enqueue_main",

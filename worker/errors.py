@@ -17,6 +17,17 @@ a signed error receipt and acked.
 
 from __future__ import annotations
 
+from typing import Final
+
+#: exit codes of every command (CONTRACT §7)
+EXIT_OK: Final = 0
+#: a check failed (an invalid invocation in ``inspect``, a receipt with an error, ...)
+EXIT_CHECK_FAILED: Final = 1
+#: usage or configuration error
+EXIT_USAGE: Final = 2
+#: the broker or the database cannot be reached
+EXIT_UNREACHABLE: Final = 3
+
 
 class WorkerError(Exception):
     """Root of all worker errors."""

@@ -16,10 +16,11 @@ import aio_pika
 import asyncpg
 import pytest
 
-from worker import cli, ops
+from worker import cli
 from worker.amqp import topology
 from worker.amqp.queues import queue_depths
 from worker.config import Settings
+from worker.operate import deadletters, purge, replay
 from worker.service import store
 from worker.service.depth import DepthPoller
 from worker.service.metrics import Metrics
@@ -219,7 +220,9 @@ async def test_list_shows_worker_and_broker_dead_letters(amqp, populated, settin
     assert a["id"] == "m-a"
     assert a["reason"] == "retries-exhausted"
     assert a["attempts"] == 3
-    assert a["first_death_at"] == ops._iso(datetime.fromtimestamp(populated["now"] - 3600, UTC))
+    assert a["first_death_at"] == deadletters.iso(
+        datetime.fromtimestamp(populated["now"] - 3600, UTC)
+    )
     assert a["invocation_cids"] == [cid_a]
     assert a["issuers"] == [iss_a]
     assert a["commands"] == ["/customer/add"]
@@ -269,14 +272,14 @@ async def test_replay_moves_back_with_headers_and_audit(
     amqp, channel, populated, settings, db, capsys
 ) -> None:
     dlq = topology.dead_letter_name(settings.queue)
-    listed = await ops.read_dead_letters(amqp, dlq)
+    listed = await deadletters.read_dead_letters(amqp, dlq)
     broker_id = listed[2].id
     code = await run_cli("dlq", "replay", "--id", "m-a", broker_id, "--json", *flags(settings))
     assert code == 0, capsys.readouterr().err
     doc = json.loads(capsys.readouterr().out)
     assert doc["replayed"] == 2 and doc["scanned"] == 3
 
-    remaining = await ops.read_dead_letters(amqp, dlq)
+    remaining = await deadletters.read_dead_letters(amqp, dlq)
     assert [d.id for d in remaining] == ["m-u"]
     moved = await drain(channel, settings.queue)
     assert [m.body for m in moved] == [populated["a"][0], populated["b"][0]]
@@ -291,13 +294,13 @@ async def test_replay_moves_back_with_headers_and_audit(
     assert isinstance(replayed_at, int) and abs(replayed_at - time.time()) < 60
     assert a.headers[topology.H_FIRST_ARRIVAL] == populated["now"] - 3600 - 60  # kept
     assert topology.H_REASON not in a.headers and topology.H_ATTEMPT not in a.headers
-    old_death: Any = a.headers[ops.H_REPLAY_OF_DEATH]
+    old_death: Any = a.headers[replay.H_REPLAY_OF_DEATH]
     assert old_death[topology.H_REASON] == "retries-exhausted"
     assert old_death[topology.H_ATTEMPT] == 3
     for m in moved:
         assert not any(k.startswith(("x-death", "x-first-", "x-last-")) for k in m.headers)
     # the broker's history is kept under a non-x name
-    death: Any = b.headers[ops.H_REPLAY_OF_DEATH]
+    death: Any = b.headers[replay.H_REPLAY_OF_DEATH]
     assert death["x-first-death-reason"] == "rejected"
     assert death["x-death"][0]["queue"] == settings.queue
     assert b.correlation_id == "c-broker" and b.reply_to == "r"
@@ -342,7 +345,7 @@ async def test_replay_filters_select(amqp, channel, populated, settings, db, cap
     assert "replayed 1 of 3" in capsys.readouterr().out
     assert [m.message_id for m in await drain(channel, settings.queue)] == ["m-u"]
     # (the limited dry run put m-a behind the broker's dead letter: returns join the tail)
-    assert sorted(d.id for d in await ops.read_dead_letters(amqp, dlq)) == sorted(
+    assert sorted(d.id for d in await deadletters.read_dead_letters(amqp, dlq)) == sorted(
         ["m-a", picked[1]]
     )
     # usage errors: nothing selected, or --all with a filter
@@ -368,7 +371,7 @@ class _FailingAudit:
         self.fail_at = fail_at
         self.rows: list[str] = []
 
-    async def record(self, action: str, dl: ops.DeadLetter, detail: Any) -> None:
+    async def record(self, action: str, dl: deadletters.DeadLetter, detail: Any) -> None:
         if len(self.rows) + 1 == self.fail_at:
             raise ConnectionResetError("database went away")
         self.rows.append(dl.id)
@@ -376,7 +379,10 @@ class _FailingAudit:
 
 async def _where(amqp, channel, settings) -> tuple[list[bytes], list[bytes]]:
     dlq = [
-        d.body for d in await ops.read_dead_letters(amqp, topology.dead_letter_name(settings.queue))
+        d.body
+        for d in await deadletters.read_dead_letters(
+            amqp, topology.dead_letter_name(settings.queue)
+        )
     ]
     inbox = [m.body for m in await drain(channel, settings.queue)]
     return dlq, inbox
@@ -388,11 +394,11 @@ async def test_replay_interrupted_after_confirm_never_loses(
     everything = {populated["a"][0], populated["b"][0], b"\x00not a ucan"}
     audit = _FailingAudit(fail_at=2)
     with pytest.raises(ConnectionResetError):
-        await ops.replay(
+        await replay.replay(
             amqp,
             dead_letter_queue=topology.dead_letter_name(settings.queue),
             inbox=settings.queue,
-            selection=ops.Selection(),
+            selection=deadletters.Selection(),
             audit=audit,  # type: ignore[arg-type]
         )
     dlq, inbox = await _where(amqp, channel, settings)
@@ -443,11 +449,11 @@ async def test_replay_cancelled_midway_never_loses(amqp, channel, populated, set
     everything = {populated["a"][0], populated["b"][0], b"\x00not a ucan"}
     first_moved = asyncio.Event()
     task = asyncio.create_task(
-        ops.replay(
+        replay.replay(
             amqp,
             dead_letter_queue=topology.dead_letter_name(settings.queue),
             inbox=settings.queue,
-            selection=ops.Selection(),
+            selection=deadletters.Selection(),
             audit=None,
             on_moved=lambda _: first_moved.set(),
         )
@@ -474,18 +480,21 @@ async def test_purge_filters_confirmation_and_audit(amqp, populated, settings, d
     )
     assert code == 0
     assert json.loads(capsys.readouterr().out)["purged"] == 1
-    assert [d.id for d in await ops.read_dead_letters(amqp, dlq)] == ["m-a", populated["b_id"]]
+    assert [d.id for d in await deadletters.read_dead_letters(amqp, dlq)] == [
+        "m-a",
+        populated["b_id"],
+    ]
     assert await depth(amqp, dlq) == 2
     rows = await db.fetch("SELECT action, message_id, detail FROM forge_worker.audit")
     assert [(r["action"], r["message_id"]) for r in rows] == [("purge", "m-u")]
     assert json.loads(rows[0]["detail"])["reason"] == "undecodable"
 
     # an operator who says no keeps everything
-    async def no(_: list[ops.DeadLetter]) -> bool:
+    async def no(_: list[deadletters.DeadLetter]) -> bool:
         return False
 
-    result = await ops.purge(
-        amqp, dead_letter_queue=dlq, selection=ops.Selection(), audit=None, confirm=no
+    result = await purge.purge(
+        amqp, dead_letter_queue=dlq, selection=deadletters.Selection(), audit=None, confirm=no
     )
     assert len(result.selected) == 2 and result.done == 0
     assert await depth(amqp, dlq) == 2
@@ -528,7 +537,7 @@ async def test_status_reports_real_depths(amqp, channel, settings, capsys) -> No
     assert rows[settings.receipt_queue]["consumers"] == 1
     assert len(rows) == 3 + len(settings.retry_delays)
     # reading them put them all back, in their order
-    assert [d.id for d in await ops.read_dead_letters(amqp, dlq)] == ["s-1", "s-2", "s-3"]
+    assert [d.id for d in await deadletters.read_dead_letters(amqp, dlq)] == ["s-1", "s-2", "s-3"]
 
     assert await run_cli("status", *flags(settings)) == 0
     table = capsys.readouterr().out.splitlines()

@@ -17,9 +17,10 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from tests.integration.conftest import Requester, invocation, receipts_of, task_of
-from worker import cli, ops
+from worker import cli
 from worker.amqp import topology
 from worker.config import Settings
+from worker.operate import audit, deadletters, replay
 from worker.service.app import App, running
 from worker.ucan import Signer
 
@@ -66,13 +67,13 @@ async def test_a_replayed_dead_letter_gets_its_receipt(
     )
     await ch.close()
 
-    async with ops.AuditLog.open(database_url) as audit:
-        result = await ops.replay(
+    async with audit.AuditLog.open(database_url) as log:
+        result = await replay.replay(
             amqp,
             dead_letter_queue=topology.dead_letter_name(settings.queue),
             inbox=settings.queue,
-            selection=ops.Selection(ids=frozenset({"dead-1"})),
-            audit=audit,
+            selection=deadletters.Selection(ids=frozenset({"dead-1"})),
+            audit=log,
         )
     assert result.done == 1
     response = await requester.next(reply_to)
@@ -102,7 +103,7 @@ async def test_replay_after_expiry_is_valid_as_of_first_arrival(
         async with customer_table_away(database_url):
             await requester.publish(body, reply_to=reply_to, correlation_id="late-1")
             await app.consumer.wait_for("dead_lettered")
-        [dead] = await ops.read_dead_letters(amqp, dlq)
+        [dead] = await deadletters.read_dead_letters(amqp, dlq)
         assert dead.reason == "retries-exhausted" and dead.correlation_id == "late-1"
         # wall-clock time has to pass the invocation's exp: there is no event for that
         await asyncio.sleep(max(0.0, exp + 1 - time.time()))

@@ -11,9 +11,10 @@ from typing import Any
 import aio_pika
 import pytest
 
-from worker import cli, ops
+from worker import cli
 from worker.amqp import topology
 from worker.config import Settings
+from worker.operate import deadletters, dlq, replay, status
 from worker.ucan import Signer, customer_add_args, encode_container, encode_invocation
 
 T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
@@ -49,32 +50,40 @@ def broker_headers(reason: str = "delivery_limit", when: datetime = T0) -> dict[
 
 
 def test_reason_prefers_the_workers_header_then_the_latest_broker_death() -> None:
-    assert ops.death_reason({topology.H_REASON: "undecodable", **broker_headers()}) == "undecodable"
+    assert (
+        deadletters.death_reason({topology.H_REASON: "undecodable", **broker_headers()})
+        == "undecodable"
+    )
     # x-death is most recent first: the death that put it in the DLQ, not the first one
-    assert ops.death_reason(broker_headers("delivery_limit")) == "delivery_limit"
-    assert ops.death_reason({"x-last-death-reason": "rejected", **broker_headers()}) == "rejected"
-    assert ops.death_reason({"x-first-death-reason": "maxlen"}) == "maxlen"
-    assert ops.death_reason({}) == "unknown"
+    assert deadletters.death_reason(broker_headers("delivery_limit")) == "delivery_limit"
+    assert (
+        deadletters.death_reason({"x-last-death-reason": "rejected", **broker_headers()})
+        == "rejected"
+    )
+    assert deadletters.death_reason({"x-first-death-reason": "maxlen"}) == "maxlen"
+    assert deadletters.death_reason({}) == "unknown"
 
 
 def test_first_death_time() -> None:
-    assert ops.first_death_time(broker_headers()) == T0 - timedelta(minutes=5)
+    assert deadletters.first_death_time(broker_headers()) == T0 - timedelta(minutes=5)
     own = {topology.H_DEAD_LETTERED_AT: int(T0.timestamp()), **broker_headers()}
-    assert ops.first_death_time(own) == T0
-    assert ops.first_death_time({topology.H_DEAD_LETTERED_AT: str(int(T0.timestamp()))}) == T0
-    assert ops.first_death_time({}) is None
-    assert ops.first_death_time({topology.H_DEAD_LETTERED_AT: "soon"}) is None
+    assert deadletters.first_death_time(own) == T0
+    assert (
+        deadletters.first_death_time({topology.H_DEAD_LETTERED_AT: str(int(T0.timestamp()))}) == T0
+    )
+    assert deadletters.first_death_time({}) is None
+    assert deadletters.first_death_time({topology.H_DEAD_LETTERED_AT: "soon"}) is None
 
 
 def test_id_is_message_id_else_a_stable_hash_of_body_and_first_death() -> None:
-    assert ops.dead_letter_id("m-1", b"body", T0) == "m-1"
-    h = ops.dead_letter_id(None, b"body", T0)
+    assert deadletters.dead_letter_id("m-1", b"body", T0) == "m-1"
+    h = deadletters.dead_letter_id(None, b"body", T0)
     assert h.startswith("h:") and len(h) == 18
-    assert ops.dead_letter_id(None, b"body", T0) == h
-    assert ops.dead_letter_id("", b"body", T0) == h
-    assert ops.dead_letter_id(None, b"body", T0 + timedelta(seconds=1)) != h
-    assert ops.dead_letter_id(None, b"other", T0) != h
-    assert ops.dead_letter_id(None, b"body", None) != h
+    assert deadletters.dead_letter_id(None, b"body", T0) == h
+    assert deadletters.dead_letter_id("", b"body", T0) == h
+    assert deadletters.dead_letter_id(None, b"body", T0 + timedelta(seconds=1)) != h
+    assert deadletters.dead_letter_id(None, b"other", T0) != h
+    assert deadletters.dead_letter_id(None, b"body", None) != h
 
 
 def _request(customer: str) -> tuple[bytes, Signer]:
@@ -92,7 +101,7 @@ def _request(customer: str) -> tuple[bytes, Signer]:
 def test_describe_a_broker_dead_letter() -> None:
     body, issuer = _request("did:mailto:example.com:carol")
     msg = aio_pika.Message(body, headers=broker_headers(), correlation_id="c", reply_to="r")
-    dl = ops.describe(msg)
+    dl = deadletters.describe(msg)
     assert dl.id.startswith("h:")
     assert dl.reason == "delivery_limit"
     assert dl.first_death_at == T0 - timedelta(minutes=5)
@@ -111,35 +120,35 @@ def test_describe_a_broker_dead_letter() -> None:
 
 def test_describe_an_undecodable_body() -> None:
     msg = aio_pika.Message(b"\xffjunk", message_id="m", headers={topology.H_REASON: "undecodable"})
-    dl = ops.describe(msg)
+    dl = deadletters.describe(msg)
     assert dl.invocations == () and dl.decode_error
     assert dl.to_json()["invocation_cids"] == []
 
 
 def test_selection() -> None:
     msg = aio_pika.Message(b"x", message_id="m-1", headers=broker_headers("delivery_limit"))
-    dl = ops.describe(msg)
-    assert ops.Selection().matches(dl)
-    assert ops.Selection(ids=frozenset({"m-1", "m-2"})).matches(dl)
-    assert not ops.Selection(ids=frozenset({"m-2"})).matches(dl)
-    assert ops.Selection(reason="delivery-limit").matches(dl)  # - and _ alike
-    assert ops.Selection(reason="DELIVERY_LIMIT").matches(dl)
-    assert not ops.Selection(reason="rejected").matches(dl)
-    assert ops.Selection(since=T0 - timedelta(minutes=5)).matches(dl)
-    assert not ops.Selection(since=T0).matches(dl)
-    unknown = ops.describe(aio_pika.Message(b"x", message_id="m"))
-    assert not ops.Selection(since=T0).matches(unknown)
-    assert ops.Selection(limit=2).full(2) and not ops.Selection(limit=2).full(1)
-    assert not ops.Selection().full(10**6)
+    dl = deadletters.describe(msg)
+    assert deadletters.Selection().matches(dl)
+    assert deadletters.Selection(ids=frozenset({"m-1", "m-2"})).matches(dl)
+    assert not deadletters.Selection(ids=frozenset({"m-2"})).matches(dl)
+    assert deadletters.Selection(reason="delivery-limit").matches(dl)  # - and _ alike
+    assert deadletters.Selection(reason="DELIVERY_LIMIT").matches(dl)
+    assert not deadletters.Selection(reason="rejected").matches(dl)
+    assert deadletters.Selection(since=T0 - timedelta(minutes=5)).matches(dl)
+    assert not deadletters.Selection(since=T0).matches(dl)
+    unknown = deadletters.describe(aio_pika.Message(b"x", message_id="m"))
+    assert not deadletters.Selection(since=T0).matches(unknown)
+    assert deadletters.Selection(limit=2).full(2) and not deadletters.Selection(limit=2).full(1)
+    assert not deadletters.Selection().full(10**6)
 
 
 def test_parse_since() -> None:
-    assert ops.parse_since(str(int(T0.timestamp()))) == T0
-    assert ops.parse_since("2026-11-01T12:00:00Z") == T0
-    assert ops.parse_since("2026-11-01T13:00:00+01:00") == T0
-    assert ops.parse_since("2026-11-01 12:00:00") == T0  # naive means UTC
+    assert deadletters.parse_since(str(int(T0.timestamp()))) == T0
+    assert deadletters.parse_since("2026-11-01T12:00:00Z") == T0
+    assert deadletters.parse_since("2026-11-01T13:00:00+01:00") == T0
+    assert deadletters.parse_since("2026-11-01 12:00:00") == T0  # naive means UTC
     with pytest.raises(ValueError, match="unix seconds or ISO 8601"):
-        ops.parse_since("yesterday")
+        deadletters.parse_since("yesterday")
 
 
 def test_replay_copy_strips_broker_headers_and_keeps_properties() -> None:
@@ -151,7 +160,7 @@ def test_replay_copy_strips_broker_headers_and_keeps_properties() -> None:
         topology.H_ERROR: "database down",
         topology.H_DEAD_LETTERED_AT: 5,
         topology.H_ORIGIN_QUEUE: "ucan.invocations",
-        ops.H_REPLAY_OF_DEATH: {"x-death": []},  # the previous replay's record
+        replay.H_REPLAY_OF_DEATH: {"x-death": []},  # the previous replay's record
         **broker_headers(),
     }
     headers["x-last-death-reason"] = "delivery_limit"
@@ -169,7 +178,7 @@ def test_replay_copy_strips_broker_headers_and_keeps_properties() -> None:
         app_id="hilt",
     )
     now = T0 + timedelta(hours=1)
-    copy = ops.replay_copy(original, now=now, by="ops@host")
+    copy = replay.replay_copy(original, now=now, by="ops@host")
     assert copy.body == b"body"
     assert copy.message_id == "m-1" and copy.correlation_id == "c-1"
     assert copy.reply_to == "replies" and copy.timestamp == T0
@@ -182,8 +191,8 @@ def test_replay_copy_strips_broker_headers_and_keeps_properties() -> None:
     assert h["app"] == "kept" and h[topology.H_FIRST_ARRIVAL] == 1
     assert h[topology.H_REPLAY_COUNT] == 3
     assert h[topology.H_REPLAYED_AT] == int(now.timestamp())
-    assert h[ops.H_REPLAYED_BY] == "ops@host"
-    death = h[ops.H_REPLAY_OF_DEATH]
+    assert h[replay.H_REPLAYED_BY] == "ops@host"
+    death = h[replay.H_REPLAY_OF_DEATH]
     assert isinstance(death, dict)
     assert set(death) == {
         "x-death",
@@ -203,11 +212,13 @@ def test_replay_copy_strips_broker_headers_and_keeps_properties() -> None:
     for gone in (topology.H_ATTEMPT, topology.H_REASON, topology.H_DEAD_LETTERED_AT):
         assert gone not in h
     # and a replayed message that dies again is described by its new death
-    again = ops.describe(aio_pika.Message(b"b", headers={**h, **broker_headers("rejected")}))
+    again = deadletters.describe(
+        aio_pika.Message(b"b", headers={**h, **broker_headers("rejected")})
+    )
     assert again.reason == "rejected" and again.replay_count == 3
     # a message that never died at the broker's hands carries no empty record
-    plain = ops.replay_copy(aio_pika.Message(b"b"), now=now, by="x")
-    assert ops.H_REPLAY_OF_DEATH not in plain.headers
+    plain = replay.replay_copy(aio_pika.Message(b"b"), now=now, by="x")
+    assert replay.H_REPLAY_OF_DEATH not in plain.headers
     assert plain.headers[topology.H_REPLAY_COUNT] == 1
 
 
@@ -219,7 +230,7 @@ async def test_pacer_spaces_events() -> None:
         slept.append(seconds)
         clock[0] += seconds
 
-    pacer = ops.Pacer(4.0, clock=lambda: clock[0], sleep=fake_sleep)
+    pacer = replay.Pacer(4.0, clock=lambda: clock[0], sleep=fake_sleep)
     for _ in range(3):
         await pacer.wait()
     assert slept == [0.25, 0.25]
@@ -228,17 +239,17 @@ async def test_pacer_spaces_events() -> None:
     await pacer.wait()
     assert slept == [0.25, 0.25, 0.25]
     with pytest.raises(ValueError):
-        ops.Pacer(0)
+        replay.Pacer(0)
 
 
 def test_status_table() -> None:
     rows = [
-        ops.QueueStatus("q", "inbox", True, 12, 2),
-        ops.QueueStatus("q.retry.5s", "retry", True, 3, 0, max_age_seconds=5),
-        ops.QueueStatus("q.dlq", "dead-letter", True, 1, 0, oldest_age_seconds=7200),
-        ops.QueueStatus("q.receipts", "receipts", False, None, None),
+        status.QueueStatus("q", "inbox", True, 12, 2),
+        status.QueueStatus("q.retry.5s", "retry", True, 3, 0, max_age_seconds=5),
+        status.QueueStatus("q.dlq", "dead-letter", True, 1, 0, oldest_age_seconds=7200),
+        status.QueueStatus("q.receipts", "receipts", False, None, None),
     ]
-    lines = ops.format_status(rows).splitlines()
+    lines = status.format_status(rows).splitlines()
     assert lines[0].split() == ["QUEUE", "ROLE", "READY", "CONSUMERS", "OLDEST"]
     assert lines[1].split() == ["q", "inbox", "12", "2", "-"]
     assert lines[2].split() == ["q.retry.5s", "retry", "3", "0", "<=5s"]
@@ -248,7 +259,7 @@ def test_status_table() -> None:
 
 def test_worker_queues_cover_inbox_retries_dlq_receipts() -> None:
     s = Settings(queue="in", receipt_queue="out", retry_delays=(1, 30))
-    assert ops.worker_queues(s) == [
+    assert status.worker_queues(s) == [
         ("in", "inbox", None),
         ("in.retry.1s", "retry", 1.0),
         ("in.retry.30s", "retry", 30.0),
@@ -270,14 +281,14 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_selection_usage_errors() -> None:
-    assert isinstance(ops._selection(_args("list")), ops.Selection)
-    assert "say which" in str(ops._selection(_args("replay")))
-    assert "say which" in str(ops._selection(_args("purge")))
-    assert "--all" in str(ops._selection(_args("replay", "--all", "--reason", "x")))
-    assert "--since" in str(ops._selection(_args("purge", "--since", "later")))
-    assert "--limit" in str(ops._selection(_args("replay", "--all", "--limit", "0")))
-    sel = ops._selection(_args("replay", "--id", "a", "b", "--limit", "3"))
-    assert sel == ops.Selection(ids=frozenset({"a", "b"}), limit=3)
+    assert isinstance(dlq._selection(_args("list")), deadletters.Selection)
+    assert "say which" in str(dlq._selection(_args("replay")))
+    assert "say which" in str(dlq._selection(_args("purge")))
+    assert "--all" in str(dlq._selection(_args("replay", "--all", "--reason", "x")))
+    assert "--since" in str(dlq._selection(_args("purge", "--since", "later")))
+    assert "--limit" in str(dlq._selection(_args("replay", "--all", "--limit", "0")))
+    sel = dlq._selection(_args("replay", "--id", "a", "b", "--limit", "3"))
+    assert sel == deadletters.Selection(ids=frozenset({"a", "b"}), limit=3)
 
 
 def test_purge_without_yes_off_a_tty_is_refused_before_connecting(
@@ -286,7 +297,7 @@ def test_purge_without_yes_off_a_tty_is_refused_before_connecting(
     async def no_broker(url: str) -> None:
         raise AssertionError("must not connect")
 
-    monkeypatch.setattr(ops, "connect", no_broker)
+    monkeypatch.setattr(dlq, "connect", no_broker)
     monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
     code = cli.main(["dlq", "purge", "--reason", "undecodable"])
     assert code == cli.EXIT_USAGE
@@ -296,9 +307,9 @@ def test_purge_without_yes_off_a_tty_is_refused_before_connecting(
 
 def test_format_dead_letters_lists_invocations() -> None:
     body, issuer = _request("did:mailto:example.com:dan")
-    dl = ops.describe(aio_pika.Message(body, message_id="m-9", headers=broker_headers()))
-    text = ops.format_dead_letters([dl])
+    dl = deadletters.describe(aio_pika.Message(body, message_id="m-9", headers=broker_headers()))
+    text = deadletters.format_dead_letters([dl])
     assert "m-9" in text and "delivery_limit" in text
     assert dl.invocations[0].cid in text and issuer.did in text
     assert "customer=did:mailto:example.com:dan" in text
-    assert ops.format_dead_letters([]) == "no dead letters"
+    assert deadletters.format_dead_letters([]) == "no dead letters"

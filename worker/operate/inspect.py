@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from worker.config import Settings
+from worker.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE
 from worker.ucan import (
     CID,
     DecodeError,
@@ -26,9 +27,6 @@ from worker.ucan import (
     validate_invocation,
 )
 
-EXIT_OK: Final = 0
-EXIT_INVALID: Final = 1
-EXIT_USAGE: Final = 2
 #: the largest file ``inspect`` reads (a request body is at most 1 MiB by default)
 MAX_FILE: Final = 16 << 20
 
@@ -153,11 +151,11 @@ def inspect_main(args: argparse.Namespace, settings: Settings) -> int:
         request = decode_request(body, max_size=MAX_FILE)
     except DecodeError as exc:
         print(f"forge-worker inspect: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return EXIT_CHECK_FAILED
     if not request.tokens:
         reason = request.dropped[0] if request.dropped else "the container is empty"
         print(f"forge-worker inspect: no readable token: {reason}", file=sys.stderr)
-        return EXIT_INVALID
+        return EXIT_CHECK_FAILED
     now = int(time.time()) if args.now is None else int(args.now)
     skew = int(getattr(args, "clock_skew", 0) or 0)
     doc = report(
@@ -173,4 +171,4 @@ def inspect_main(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(doc, ensure_ascii=False))
     else:
         print(_text(doc, request.dropped, now))
-    return EXIT_OK if all(i["valid"] for i in doc["invocations"]) else EXIT_INVALID
+    return EXIT_OK if all(i["valid"] for i in doc["invocations"]) else EXIT_CHECK_FAILED
