@@ -31,9 +31,9 @@ HANDLERS: Final = {
     "inspect": "worker.operate.inspect:inspect_main",
     "status": "worker.operate.status:status_main",
     "dlq": "worker.operate.dlq:dlq_main",
-    "keygen": "worker.producer:keygen_main",
-    "delegate": "worker.producer:delegate_main",
-    "enqueue": "worker.producer:enqueue_main",
+    "keygen": "worker.produce.keys:keygen_main",
+    "delegate": "worker.produce.keys:delegate_main",
+    "enqueue": "worker.produce.enqueue:enqueue_main",
 }
 
 

@@ -1,7 +1,11 @@
-"""The service key: inline, from a file, or a development key created on first start."""
+"""Keys read from files: the service's (inline, from a file, or a development key created on
+first start) and a producer's ``--key`` (``@PATH``, a file, what ``keygen`` prints).
+
+Shared by the service and the producers' tools; never prints or logs a key."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -11,7 +15,7 @@ from structlog.typing import FilteringBoundLogger
 
 from worker.config import Settings
 from worker.errors import ConfigError
-from worker.ucan import DecodeError, Signer
+from worker.ucan import DecodeError, Signer, UcanError
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,3 +111,42 @@ def load_service_key(settings: Settings, log: FilteringBoundLogger) -> ServiceKe
     if settings.service_did is not None:
         key = ServiceKey(key.signer.with_did(settings.service_did), key.source, key.path)
     return key
+
+
+def read_key(value: str) -> Signer:
+    """A signer from ``--key``: ``@PATH``, a path to an existing file, or the key itself.
+
+    Raises:
+        ConfigError: the file cannot be read or the text is not a key (never echoed).
+    """
+    text = value
+    path: Path | None = None
+    if value.startswith("@"):
+        path = Path(value[1:])
+    elif len(value) < 4096 and Path(value).is_file():
+        path = Path(value)
+    if path is not None:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--key: cannot read {str(path)!r}: {exc}") from None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            raise ConfigError("--key: the file is JSON but not valid JSON") from None
+        key = doc.get("key") if isinstance(doc, dict) else None
+        if not isinstance(key, str):
+            raise ConfigError('--key: the JSON has no "key" text (as keygen --json prints)')
+        text = key
+    else:
+        # keygen's text output: a "key: ..." line among others
+        lines = [ln for ln in text.splitlines() if ln.startswith("key:")]
+        if len(lines) == 1:
+            text = lines[0].removeprefix("key:").strip()
+    try:
+        return Signer.parse(text)
+    except UcanError as exc:
+        where = f" in {str(path)!r}" if path is not None else ""
+        raise ConfigError(f"--key: not a ucantone Ed25519 key{where} ({exc})") from None

@@ -10,18 +10,12 @@ from pathlib import Path
 import pytest
 
 from worker import cli
-from worker.client import CustomerAdd
 from worker.errors import ConfigError
-from worker.producer import (
-    INVALID_INPUT,
-    Progress,
-    outcome_record,
-    parse_details,
-    read_csv,
-    read_key,
-    read_ndjson,
-    read_rows,
-)
+from worker.keyfile import read_key
+from worker.produce.bulk import INVALID_INPUT, Progress, read_csv, read_ndjson, read_rows
+from worker.produce.client import CustomerAdd
+from worker.produce.enqueue import outcome_record
+from worker.produce.options import parse_details
 from worker.ucan import Delegation, Signer, decode_request
 
 HILT = "did:key:z6MkgGyk5NXAGGz8xLfo8VGMGEnVjY5rrCoR4yZydjcE9RRm"

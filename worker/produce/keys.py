@@ -1,0 +1,73 @@
+"""``keygen`` and ``delegate``: new identities, and delegations signed with a key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from worker.config import Settings
+from worker.errors import EXIT_OK, ConfigError
+from worker.keyfile import read_key
+from worker.produce.options import check_command, check_did, policy_statements, write_atomically
+from worker.ucan import (
+    CID,
+    Signer,
+    encode_container,
+    encode_delegation,
+)
+
+
+def keygen_main(args: argparse.Namespace, settings: Settings) -> int:
+    """``keygen``: a new Ed25519 key and its did:key (the only command that prints a key)."""
+    signer = Signer.generate()
+    if args.json:
+        print(json.dumps({"did": signer.did, "key": signer.export()}))
+    else:
+        print(f"did: {signer.did}")
+        print(f"key: {signer.export()}")
+    return EXIT_OK
+
+
+def delegate_main(args: argparse.Namespace, settings: Settings) -> int:
+    """``delegate``: the issuer's key signs a delegation; ``--out`` gets it as a container."""
+    signer = read_key(args.key)
+    try:
+        if args.issuer_did:
+            signer = signer.with_did(check_did(args.issuer_did, "--issuer-did"))
+        audience = check_did(args.to, "--to")
+        subject = check_did(args.subject, "--subject") if args.subject else signer.did
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.expires_in is not None and args.expires_in <= 0:
+        raise ConfigError(f"--expires-in: expected a positive number, got {args.expires_in}")
+    exp = None if args.expires_in is None else int(time.time()) + args.expires_in
+    token = encode_delegation(
+        signer,
+        aud=audience,
+        sub=subject,
+        cmd=check_command(args.delegated_command),
+        pol=policy_statements(args.policy),
+        exp=exp,
+    )
+    body = encode_container([token], header=0x42 if args.base64 else None)
+    out = Path(args.out)
+    write_atomically(out, body, "--out")
+    doc = {
+        "cid": str(CID.dag_cbor(token)),
+        "iss": signer.did,
+        "aud": audience,
+        "sub": subject,
+        "cmd": args.delegated_command,
+        "exp": exp,
+        "out": str(out),
+    }
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        never = "never" if exp is None else f"at {exp}"
+        print(f"wrote {out}: delegation {doc['cid']}")
+        print(f"  {signer.did} -> {audience}: {args.delegated_command} on {subject}")
+        print(f"  expires {never}")
+    return EXIT_OK
