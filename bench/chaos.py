@@ -8,7 +8,7 @@ and lost.
 Isolated: its own inbox queue (``chaos.<id>``) and database (``fw_chaos_<id>``), both
 removed at the end (``--keep`` leaves them). The workers are ``forge-worker run``
 subprocesses that reach RabbitMQ and Postgres through loopback fault proxies
-(tests/faults/proxy.py), so no service is stopped. The publisher and the receipt
+(tests/support/proxy.py), so no service is stopped. The publisher and the receipt
 collector talk to RabbitMQ directly: only the workers see the faults.
 
 Faults fire at random points of progress (a fraction of N answered), so they always land
@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 import aio_pika  # noqa: E402
 import asyncpg  # noqa: E402
 
-from tests.faults.harness import (  # noqa: E402
+from tests.support.harness import (  # noqa: E402
     Identities,
     ReceiptCollector,
     SignedRequest,
@@ -74,7 +74,7 @@ from tests.faults.harness import (  # noqa: E402
     run_command,
     worker_env,
 )
-from tests.faults.proxy import Proxy  # noqa: E402
+from tests.support.proxy import Proxy  # noqa: E402
 from worker.amqp import topology  # noqa: E402
 
 AMQP_URL = os.environ.get("FORGE_WORKER_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

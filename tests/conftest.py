@@ -17,6 +17,10 @@ import aio_pika
 import asyncpg
 import pytest
 
+#: fixtures every room's tests share: the protocol fixtures' principals and a Hilt-style
+#: request (tests/support/principals.py), the in-process worker and its requester (worker.py)
+pytest_plugins = ["tests.support.principals", "tests.support.worker"]
+
 ROOT = Path(__file__).resolve().parent.parent
 #: ``../shared`` beside the checkout (CI puts it there); FORGE_WORKER_SHARED overrides
 SHARED = Path(os.environ.get("FORGE_WORKER_SHARED", ROOT.parent / "shared"))

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.integration.conftest import Requester
 from tests.security.helpers import NOW, customer_did, dlg, inv, old_glob_regex
+from tests.support.worker import Requester
 from worker import commands
 from worker.commands import CommandError
 from worker.service.app import App

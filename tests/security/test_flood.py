@@ -452,7 +452,7 @@ def test_settling_on_a_dropped_channel_does_not_crash_the_batch() -> None:
     """After a connection loss a batch can hold deliveries of the dead channel and the new
     one; settling the dead channel's raised KeyError, and the live channel's deliveries in
     the same batch were never acked (their prefetch slots lost until a restart)."""
-    from worker.service.consumer import AckTracker
+    from worker.service.acks import AckTracker
 
     acks = AckTracker()
     dead, live = object(), object()

@@ -1,7 +1,7 @@
 """Hostile request bodies: every input ends in a DecodeError or a value, in bounded time and
 memory, and nothing past the decoder (validation, the command's checks) raises anything else.
 
-Extends tests/unit/ucan/test_fuzz.py (random bytes and a few random mutations of four bodies)
+Extends tests/ucan/test_fuzz.py (random bytes and a few random mutations of four bodies)
 with a real Hilt-style request cut at every offset, spliced, bit-flipped at every byte,
 absurd declared lengths measured with tracemalloc, nesting, huge and duplicate maps, the
 values DAG-CBOR forbids placed inside a signed token, trailing bytes, oversized bodies and

@@ -24,8 +24,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from tests.integration.conftest import QueueCleanup
 from tests.security.helpers import customer_did, inv
+from tests.support.worker import QueueCleanup
 from worker.amqp import topology
 from worker.config import Settings
 from worker.service.app import App, running

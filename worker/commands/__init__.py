@@ -13,6 +13,8 @@ A handler module has ``COMMAND`` (its command string), and:
 ``effect_args(items) -> list``
     those parameters for ``(task CID, prepared item)`` pairs in message order. Each item's
     outcome is ``{ok: {}}``.
+
+May import: ``worker.ucan`` only (handlers are pure; the service runs their SQL).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """UCAN 1.0 as fil-forge/ucantone speaks it: pure code, no I/O.
 
+May import: nothing of the project outside ``worker.ucan`` (it could be its own library).
+
 Public API (other packages import only these names from ``worker.ucan``):
 
 Errors (``errors.py``)
