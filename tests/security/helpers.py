@@ -1,11 +1,16 @@
-"""Builders for hostile requests: chains, forged tokens and Hilt-style containers."""
+"""Builders for hostile requests (chains, forged tokens, Hilt-style containers), and a
+collector of what the worker sends back."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
 
 from worker.ucan import (
     CID,
@@ -123,3 +128,28 @@ def old_glob_regex(p: str, i: int = 0, in_alt: bool = False) -> tuple[str, int]:
             out.append(re.escape(c))
             i += 1
     return "".join(out), i
+
+
+class Collector:
+    """Consumes queues into lists and wakes waiters when a total is reached."""
+
+    def __init__(self) -> None:
+        self.got: dict[str, list[AbstractIncomingMessage]] = {}
+        self._changed = asyncio.Event()
+
+    async def consume(self, channel: aio_pika.abc.AbstractChannel, name: str) -> None:
+        q = await channel.declare_queue(name, passive=True)
+        self.got[name] = []
+
+        async def on(msg: AbstractIncomingMessage) -> None:
+            await msg.ack()
+            self.got[name].append(msg)
+            self._changed.set()
+
+        await q.consume(on)
+
+    async def until(self, counts: dict[str, int], within: float) -> None:
+        async with asyncio.timeout(within):
+            while any(len(self.got[q]) < n for q, n in counts.items()):
+                self._changed.clear()
+                await self._changed.wait()

@@ -20,9 +20,9 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
-from tests.security.helpers import customer_did, dlg, inv
+from tests.security.helpers import Collector, customer_did, dlg, inv
 from worker.amqp import topology
 from worker.commands import customer_add
 from worker.config import Settings
@@ -38,31 +38,6 @@ pytestmark = pytest.mark.integration
 
 #: seconds the whole flood may take to settle
 SETTLE_WITHIN = 60.0
-
-
-class Collector:
-    """Consumes queues into lists and wakes waiters when a total is reached."""
-
-    def __init__(self) -> None:
-        self.got: dict[str, list[AbstractIncomingMessage]] = {}
-        self._changed = asyncio.Event()
-
-    async def consume(self, channel: aio_pika.abc.AbstractChannel, name: str) -> None:
-        q = await channel.declare_queue(name, passive=True)
-        self.got[name] = []
-
-        async def on(msg: AbstractIncomingMessage) -> None:
-            await msg.ack()
-            self.got[name].append(msg)
-            self._changed.set()
-
-        await q.consume(on)
-
-    async def until(self, counts: dict[str, int], within: float) -> None:
-        async with asyncio.timeout(within):
-            while any(len(self.got[q]) < n for q, n in counts.items()):
-                self._changed.clear()
-                await self._changed.wait()
 
 
 async def depth(channel: aio_pika.abc.AbstractChannel, name: str) -> int:

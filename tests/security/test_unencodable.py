@@ -24,7 +24,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from tests.security.helpers import customer_did, inv
+from tests.security.helpers import Collector, customer_did, inv
 from tests.support.worker import QueueCleanup
 from worker.amqp import topology
 from worker.config import Settings
@@ -85,30 +85,6 @@ async def publish_hostile(
     assert await proc.wait() == 0
 
 
-class Inbox:
-    """Consumes a queue into a list; waits for a count."""
-
-    def __init__(self) -> None:
-        self.got: list[AbstractIncomingMessage] = []
-        self._changed = asyncio.Event()
-
-    async def consume(self, ch: aio_pika.abc.AbstractChannel, name: str) -> None:
-        q = await ch.declare_queue(name, passive=True)
-
-        async def on(msg: AbstractIncomingMessage) -> None:
-            await msg.ack()
-            self.got.append(msg)
-            self._changed.set()
-
-        await q.consume(on)
-
-    async def until(self, n: int, within: float = 20.0) -> None:
-        async with asyncio.timeout(within):
-            while len(self.got) < n:
-                self._changed.clear()
-                await self._changed.wait()
-
-
 def connection_of(app: App) -> Any:
     """The live AMQP connection under the worker's robust one (a reconnect replaces it)."""
     assert app.broker is not None and app.broker.connection.transport is not None
@@ -121,16 +97,16 @@ async def followers_answered(app: App, amqp: AbstractRobustConnection) -> list[s
     service = app.key.signer
     ch = await amqp.channel()
     replies = await ch.declare_queue(exclusive=True, auto_delete=True)
-    inbox = Inbox()
-    await inbox.consume(ch, replies.name)
+    collector = Collector()
+    await collector.consume(ch, replies.name)
     exp = int(time.time()) + 300
     for i in range(FOLLOWERS):
         body = inv(service, service.did, exp=exp)
         msg = aio_pika.Message(body, reply_to=replies.name, correlation_id=f"f{i}")
         await ch.default_exchange.publish(msg, app.settings.queue)
-    await inbox.until(FOLLOWERS)
+    await collector.until({replies.name: FOLLOWERS}, 20)
     outcomes = []
-    for got in inbox.got:
+    for got in collector.got[replies.name]:
         (receipt,) = decode_request(got.body).receipts
         outcomes.append("ok" if receipt.error is None else str(receipt.error["name"]))
     await ch.close()
@@ -142,11 +118,12 @@ async def dead_letter(app: App, amqp: AbstractRobustConnection) -> AbstractIncom
     async with asyncio.timeout(20):
         await app.consumer.wait_for("dead_lettered", 1)
     ch = await amqp.channel()
-    inbox = Inbox()
-    await inbox.consume(ch, topology.dead_letter_name(app.settings.queue))
-    await inbox.until(1)
+    collector = Collector()
+    dlq = topology.dead_letter_name(app.settings.queue)
+    await collector.consume(ch, dlq)
+    await collector.until({dlq: 1}, 20)
     await ch.close()
-    return inbox.got[0]
+    return collector.got[dlq][0]
 
 
 @pytest.mark.parametrize("prop", PROPERTIES)
@@ -208,14 +185,14 @@ async def test_a_property_only_copies_carry_does_not_stop_an_answer(
     service = app.key.signer
     ch = await amqp.channel()
     replies = await ch.declare_queue(exclusive=True, auto_delete=True)
-    inbox = Inbox()
-    await inbox.consume(ch, replies.name)
+    collector = Collector()
+    await collector.consume(ch, replies.name)
     body = inv(service, service.did, exp=int(time.time()) + 300)
     await publish_hostile(
         app, f"prop:message_type={BAD},prop:reply_to={replies.name}", body, tmp_path
     )
-    await inbox.until(1)
-    (receipt,) = decode_request(inbox.got[0].body).receipts
+    await collector.until({replies.name: 1}, 20)
+    (receipt,) = decode_request(collector.got[replies.name][0].body).receipts
     assert receipt.error is None
     assert app.consumer.outcomes["dead_lettered"] == 0
     await ch.close()
