@@ -16,7 +16,7 @@ def test_defaults_match_the_contract() -> None:
         "ucan.invocations",
         "ucan.receipts",
         9464,
-        60,
+        0,
     )
     assert s.service_key is None and s.service_did is None
 

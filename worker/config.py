@@ -148,7 +148,10 @@ class Settings:
         default=9464,
     )
     clock_skew: int = _opt(
-        "CLOCK_SKEW", _int_range(0, 3600), "seconds of leeway on exp/nbf", default=60
+        "CLOCK_SKEW",
+        _int_range(0, 3600),
+        "seconds of leeway on exp/nbf (0: ucantone's rule, never executed after exp)",
+        default=0,
     )
     log_format: str = _opt(
         "LOG_FORMAT", _log_format, "json or console", default_factory=_default_log_format

@@ -20,7 +20,7 @@ from tests.support.worker import (
 )
 from worker.amqp import topology
 from worker.service.app import App
-from worker.ucan import Signer, build_receipt, encode
+from worker.ucan import Signer, build_receipt, encode, encode_container
 
 pytestmark = pytest.mark.integration
 
@@ -227,15 +227,21 @@ async def test_several_invocations_in_one_container_each_get_a_receipt(
     assert await count(database_url, "SELECT count(*) FROM public.customer") == 2
 
 
-async def test_invocations_for_another_audience_are_skipped(
-    worker: App, requester: Requester, service: Signer
+async def test_a_request_with_nothing_for_this_service_gets_an_empty_container_at_once(
+    worker: App, requester: Requester, service: Signer, database_url: str
 ) -> None:
+    """As ucantone's server answers: the producer learns at once that nothing will come."""
     assert worker.consumer is not None
     reply_to = await requester.reply_queue()
     elsewhere = invocation(service, service.did, aud="did:web:someone-else.example")
-    await requester.publish(elsewhere, reply_to=reply_to)
-    await worker.consumer.wait_for("skipped")
-    assert requester.pending(reply_to) == 0  # acked with no response
+    await requester.publish(elsewhere, reply_to=reply_to, correlation_id="elsewhere")
+    response = await requester.next(reply_to, within=1.0)
+    assert response.body == encode_container([]) == b"\xa1fctn-v1\x80"
+    assert response.correlation_id == "elsewhere"
+    assert response.content_type == "application/vnd.ipld.dag-cbor"
+    assert worker.consumer.outcomes["skipped"] == 1
+    assert await count(database_url, "SELECT count(*) FROM public.customer") == 0
+    assert await count(database_url, "SELECT count(*) FROM forge_worker.receipts") == 0
     # in a container with one for this service: only that one is answered
     mine = invocation(service, service.did)
     _, receipts = await requester.call(container(elsewhere, mine))
@@ -308,3 +314,16 @@ async def test_a_request_over_the_size_limit_is_dead_lettered_undecoded(
     dead = await requester.next(dlq)
     assert dead.body == body
     assert (dead.headers or {})[topology.H_REASON] == "undecodable"
+
+
+async def test_an_invocation_expired_twenty_seconds_ago_is_refused_by_default(
+    worker: App, requester: Requester, service: Signer, database_url: str
+) -> None:
+    """No leeway by default (ucantone's rule): Hilt has stopped waiting 30 s after signing,
+    so executing later would write a row nobody asks for any more."""
+    assert worker.settings.clock_skew == 0
+    late = invocation(service, service.did, exp=int(time.time()) - 20)
+    _, receipts = await requester.call(late)
+    assert receipts[0].error is not None and receipts[0].error["name"] == "Expired"
+    for table in ("public.customer", "forge_worker.receipts", "forge_worker.arrivals"):
+        assert await count(database_url, f"SELECT count(*) FROM {table}") == 0

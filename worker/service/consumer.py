@@ -664,7 +664,7 @@ class Consumer:
         sends: list[tuple[Item, Outgoing]] = []
         receipt_queue = self.settings.receipt_queue
         for item in batch:
-            if item.failure is not None or not item.jobs:
+            if item.failure is not None:
                 continue
             for job in item.jobs:
                 if job.error is not None:
@@ -774,7 +774,7 @@ class Consumer:
             self.log.info(
                 "request_skipped",
                 message_id=item.msg.message_id,
-                reason="no invocation for this service",
+                reason="no invocation for this service: answered with an empty container",
                 tokens=len(item.request.invocations) if item.request else 0,
                 latency_ms=latency_ms,
             )
