@@ -66,7 +66,8 @@ def validate_invocation(
         proofs: delegations by CID (e.g. those in the same container).
         now: the validation time, unix seconds.
         clock_skew: leeway in seconds on ``exp`` and ``nbf`` (0 = exactly ucantone).
-        resolver: DID → keys; default resolves did:key only.
+        resolver: DID → keys; default resolves did:key only. For did:plc issuers, a
+            ``Resolver.with_documents`` view holding the batch's resolved documents.
 
     Raises:
         ValidationError: with ucantone's error name (``InvalidSignature``, ``Expired``,
