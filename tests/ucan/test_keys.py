@@ -52,8 +52,11 @@ def test_sign_and_verify() -> None:
     assert not r.verify(s.did, b"msg!", sig)
     assert not r.verify("did:web:nobody.example", b"msg", sig)
     assert did_key_public(s.did) == s.public_key
-    with pytest.raises(DecodeError):
-        did_key_public("did:key:zQ3shokFTS3brHcDQrn82RUDfCZESWL1ZdCEJwekUDPQiYBme")
+    secp = "did:key:zQ3shokFTS3brHcDQrn82RUDfCZESWL1ZdCEJwekUDPQiYBme"
+    assert did_key_public(secp).kind == "secp256k1"
+    assert did_key_public(secp).did_key == secp
+    with pytest.raises(DecodeError, match="neither ed25519-pub nor secp256k1-pub"):
+        did_key_public("did:key:zDnaerDaTF5BXEavCrfRZEk316dpbLsfPDZ3WJ5hRTPFU2169")  # P-256
 
 
 def test_cid_text_forms() -> None:

@@ -77,7 +77,7 @@ from worker.ucan import (
     task_cid,
     verify_signature,
 )
-from worker.ucan.keys import did_key_public
+from worker.ucan.keys import PublicKey, did_key_public
 
 CUSTOMER_ADD: Final = "/customer/add"
 RECEIPT_COMMAND: Final = "/ucan/assert/receipt"
@@ -437,7 +437,7 @@ class Client:
             (receipts then go to the worker's receipt queue).
 
         Raises:
-            DecodeError: ``service_key_did`` is not an Ed25519 did:key.
+            DecodeError: ``service_key_did`` is not an Ed25519 or secp256k1 did:key.
         """
         self.amqp_url = amqp_url
         self.signer = signer
@@ -449,7 +449,7 @@ class Client:
         self.lifetime = lifetime
         self.timeout = timeout
         if resolver is None:
-            static: dict[str, list[bytes]] = {}
+            static: dict[str, list[PublicKey]] = {}
             if service_key_did is not None:
                 static[service_did] = [did_key_public(service_key_did)]
             resolver = Resolver(static)

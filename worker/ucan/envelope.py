@@ -15,10 +15,10 @@ from typing import Any, Final
 
 from worker.ucan import cbor
 from worker.ucan.cid import CID
-from worker.ucan.errors import DecodeError, ValidationError
+from worker.ucan.errors import DecodeError, ValidationError, quote
 from worker.ucan.keys import Resolver, Signer
 from worker.ucan.policy import Policy, parse_policy
-from worker.ucan.varsig import ED25519_DAG_CBOR, check_header
+from worker.ucan.varsig import HEADERS, check_header
 
 #: the tags this project writes
 INVOCATION_TAG: Final = "ucan/inv@1.0.0-rc.1"
@@ -35,7 +35,8 @@ MAX_CMD_LENGTH: Final = 1024
 
 _INT64_MIN: Final = -(1 << 63)
 _INT64_MAX: Final = (1 << 63) - 1
-_SIG_PAYLOAD_PREFIX: Final = b"\xa2\x61h" + cbor.head(2, len(ED25519_DAG_CBOR)) + ED25519_DAG_CBOR
+#: the SigPayload up to its tag, by varsig header: ``{"h": header, ``
+_SIG_PAYLOAD_PREFIXES: Final = {h: b"\xa2\x61h" + cbor.head(2, len(h)) + h for h in HEADERS}
 _TASK_CMD: Final = b"\xa4" + cbor.encode_text("cmd")
 _TASK_SUB: Final = cbor.encode_text("sub")
 _TASK_ARGS: Final = cbor.encode_text("args")
@@ -198,7 +199,8 @@ def decode_token(raw: bytes, *, max_size: int = cbor.MAX_SIZE) -> Invocation | D
 
     Raises:
         DecodeError: not a token we can read (including a varsig header other than
-            Ed25519 + DAG-CBOR, and tags other than ``ucan/{inv,dlg}@1.0.0[-rc.1]``).
+            Ed25519 or secp256k1 + DAG-CBOR, and tags other than
+            ``ucan/{inv,dlg}@1.0.0[-rc.1]``).
     """
     if type(raw) is not bytes:
         if not isinstance(raw, bytes | bytearray | memoryview):
@@ -265,10 +267,11 @@ def _head_size(n: int) -> int:
 _Common = tuple[bytes, CID, str, bytes, bytes, bytes, str]
 
 
-#: a token as ucantone writes it, up to its payload:
+#: a token as ucantone writes it, up to its payload (either signature kind is 64 bytes):
 #: 82 | 58 40 sig[3:67] | a2 61 "h" 48 header[71:79] 73 tag[80:99] | payload[99:]
 _ENVELOPE_HEAD: Final = b"\x82" + cbor.head(2, 64)
-_SIG_PAYLOAD_HEAD: Final = b"\xa2\x61h" + cbor.head(2, 8) + ED25519_DAG_CBOR + cbor.head(3, 19)
+#: the SigPayload heads of the accepted headers, for one ``bytes.startswith``
+_SIG_PAYLOAD_HEADS: Final = tuple(p + cbor.head(3, 19) for p in _SIG_PAYLOAD_PREFIXES.values())
 _TAGS_19: Final = {t.encode(): t for t in INVOCATION_TAGS | DELEGATION_TAGS if len(t) == 19}
 _PAYLOAD_AT: Final = 99
 #: the payload sits inside an array and a map: two levels of nesting
@@ -276,7 +279,7 @@ _PAYLOAD_DEPTH: Final = 2
 #: larger tokens are decoded whole: when the payload is not valid the whole token is
 #: decoded again for its error, and that should cost little
 _SPLIT_MAX: Final = 1 << 16
-assert len(_ENVELOPE_HEAD) + 64 + len(_SIG_PAYLOAD_HEAD) + 19 == _PAYLOAD_AT
+assert all(len(_ENVELOPE_HEAD) + 64 + len(h) + 19 == _PAYLOAD_AT for h in _SIG_PAYLOAD_HEADS)
 
 
 def _decode_envelope(raw: bytes) -> tuple[bytes, bytes, str, dict[str, Any]]:
@@ -290,7 +293,7 @@ def _decode_envelope(raw: bytes) -> tuple[bytes, bytes, str, dict[str, Any]]:
     if (
         len(raw) <= _SPLIT_MAX
         and raw.startswith(_ENVELOPE_HEAD)
-        and raw.startswith(_SIG_PAYLOAD_HEAD, 67)
+        and raw.startswith(_SIG_PAYLOAD_HEADS, 67)
         and (tag := _TAGS_19.get(raw[80:99])) is not None
     ):
         try:
@@ -364,7 +367,8 @@ def _check_args(args_raw: bytes) -> None:
 
 
 def _sign(signer: Signer, tag: str, payload: bytes) -> bytes:
-    sig_payload = b"".join((_SIG_PAYLOAD_PREFIX, cbor.encode_text(tag), payload))
+    prefix = _SIG_PAYLOAD_PREFIXES[signer.varsig_header]
+    sig_payload = b"".join((prefix, cbor.encode_text(tag), payload))
     sig = signer.sign(sig_payload)
     return b"".join((b"\x82", cbor.head(2, len(sig)), sig, sig_payload))
 
@@ -383,7 +387,8 @@ def encode_invocation(
     meta: Mapping[str, Any] | None = None,
     cause: CID | None = None,
 ) -> bytes:
-    """Build and sign an invocation as ucantone writes it (tag ``-rc.1``, Ed25519 varsig).
+    """Build and sign an invocation as ucantone writes it (tag ``-rc.1``, the varsig header
+    of the signer's key).
 
     Args:
         signer: the issuer; ``iss`` is ``signer.did``.
@@ -504,29 +509,42 @@ def encode_delegation(
     return _sign(signer, DELEGATION_TAG, cbor.encode_map_raw(entries))
 
 
-def verify_signature(token: Token, resolver: Resolver) -> None:
-    """Check the token's signature over its SigPayload bytes as received.
+def verify_signature(token: Token, resolver: Resolver, *, now: int | None = None) -> None:
+    """Check the token's signature over its SigPayload bytes as received, trying every
+    verification method of its issuer in turn (ucantone does not match the varsig header
+    against the key type: it tries the keys).
 
-    Verified delegations are remembered by CID (per resolver), so a proof shared by many
-    invocations is verified once; a CID covers the signature, payload and issuer.
+    Verified delegations are remembered by CID (per resolver) when their issuer's keys cannot
+    change (static or did:key), so a proof shared by many invocations is verified once; a
+    CID covers the signature, payload and issuer.
+
+    Args:
+        now: the validation time, for methods with ``expires``/``revoked`` (``None``: not
+            checked).
 
     Raises:
-        ValidationError: ``InvalidSignature``, or ``DIDKeyResolutionError`` when the issuer
-            has no known key.
+        ValidationError: ``InvalidSignature`` with ucantone's message (every method tried and
+            why it failed); the resolver's errors (``UnknownError`` for a did:plc that could
+            not be resolved, ``DIDKeyResolutionError`` for an issuer no source knows).
     """
     cacheable = isinstance(token, Delegation)
     if cacheable and resolver.seen(token.cid.raw):
         return
-    if not resolver.can_resolve(token.iss):
-        raise ValidationError(
-            "DIDKeyResolutionError",
-            f"unable to resolve {token.iss!r} key: not an Ed25519 did:key and not configured",
-        )
-    if not resolver.verify(token.iss, token.payload_raw, token.signature):
-        kind = "delegation" if isinstance(token, Delegation) else "invocation"
-        raise ValidationError(
-            "InvalidSignature",
-            f"{kind} {str(token.cid)!r} does not have a valid signature from {token.iss!r}",
-        )
+    rejections = resolver.check(
+        token.iss, token.payload_raw, token.signature, delegation=cacheable, now=now
+    )
+    if rejections is not None:
+        raise ValidationError("InvalidSignature", invalid_signature_message(token, rejections))
     if cacheable:
-        resolver.remember(token.cid.raw)
+        resolver.remember(token.cid.raw, token.iss)
+
+
+def invalid_signature_message(token: Token, rejections: Iterable[tuple[str, str]]) -> str:
+    """ucantone's InvalidSignature message: it says "proof" for every kind of token, then one
+    line per verification method tried (``- <method id>: <reason>``)."""
+    lines = [
+        f"proof {quote(str(token.cid))} does not have a valid signature from {quote(token.iss)}",
+        "  ℹ️ Tried these verification methods:",
+    ]
+    lines.extend(f"    - {vm}: {reason}" for vm, reason in rejections)
+    return "\n".join(lines)

@@ -34,3 +34,28 @@ class ValidationError(UcanError):
 
     def __repr__(self) -> str:
         return f"ValidationError({self.name!r}, {self.message!r})"
+
+
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+               "\v": "\\v", '"': '\\"', "\\": "\\\\"}  # fmt: skip
+
+
+def quote(text: str) -> str:
+    """``text`` as Go's ``%q`` (``strconv.Quote``) writes it, for messages that must read as
+    ucantone's: double quotes, backslash escapes, non-printable characters as ``\\x``/``\\u``."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    out = []
+    for ch in text:
+        esc = _GO_ESCAPES.get(ch)
+        if esc is not None:
+            out.append(esc)
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x80:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return '"' + "".join(out) + '"'

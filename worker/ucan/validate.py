@@ -13,7 +13,7 @@ from typing import Final
 
 from worker.ucan.cid import CID
 from worker.ucan.envelope import Delegation, Invocation, Token, verify_signature
-from worker.ucan.errors import ValidationError
+from worker.ucan.errors import ValidationError, quote
 from worker.ucan.keys import Resolver
 from worker.ucan.policy import Policy, Statement, match_policy
 
@@ -39,15 +39,15 @@ def _when(t: int) -> str:
 
 
 def _check_token(token: Token, *, now: int, clock_skew: int, resolver: Resolver) -> None:
-    verify_signature(token, resolver)
+    verify_signature(token, resolver, now=now)
     if token.exp is not None and token.exp + clock_skew <= now:
         kind = "invocation" if isinstance(token, Invocation) else "proof"
         raise ValidationError(
-            "Expired", f"{kind} {str(token.cid)!r} has expired on {_when(token.exp)}"
+            "Expired", f"{kind} {quote(str(token.cid))} has expired on {_when(token.exp)}"
         )
     if isinstance(token, Delegation) and token.nbf and now + clock_skew <= token.nbf:
         raise ValidationError(
-            "TooEarly", f"proof {str(token.cid)!r} is not valid before {_when(token.nbf)}"
+            "TooEarly", f"proof {quote(str(token.cid))} is not valid before {_when(token.nbf)}"
         )
 
 
@@ -66,7 +66,8 @@ def validate_invocation(
         proofs: delegations by CID (e.g. those in the same container).
         now: the validation time, unix seconds.
         clock_skew: leeway in seconds on ``exp`` and ``nbf`` (0 = exactly ucantone).
-        resolver: DID → keys; default resolves did:key only.
+        resolver: DID → keys; default resolves did:key only. For did:plc issuers, a
+            ``Resolver.with_documents`` view holding the batch's resolved documents.
 
     Raises:
         ValidationError: with ucantone's error name (``InvalidSignature``, ``Expired``,
@@ -79,7 +80,7 @@ def validate_invocation(
     if len(inv.prf) > MAX_PROOFS:
         raise ValidationError(
             "InvalidClaim",
-            f"invocation {str(inv.cid)!r} names {len(inv.prf)} proofs; "
+            f"invocation {quote(str(inv.cid))} names {len(inv.prf)} proofs; "
             f"a chain of at most {MAX_PROOFS} is accepted",
         )
     chain: list[Delegation] = []
@@ -88,7 +89,8 @@ def validate_invocation(
         if prf is None:
             raise ValidationError(
                 "UnavailableProof",
-                f"linked proof {str(link)!r} could not be resolved: proof not found in container",
+                f"linked proof {quote(str(link))} could not be resolved: "
+                "proof not found in container",
             )
         chain.append(prf)
     authority = inv.sub
@@ -101,12 +103,14 @@ def validate_invocation(
         if prf.sub is not None and prf.sub != inv.sub:
             raise ValidationError(
                 "InvalidSubject",
-                f"delegation {str(prf.cid)!r} subject is {prf.sub!r} not {inv.sub!r}",
+                f"delegation {quote(str(prf.cid))} subject is {quote(prf.sub)} "
+                f"not {quote(str(inv.sub))}",
             )
         if prf.iss != authority:
             raise ValidationError(
                 "InvalidAudience",
-                f"delegation {str(prf.cid)!r} issuer is {authority!r} not {prf.iss!r}",
+                f"delegation {quote(str(prf.cid))} issuer is {quote(str(authority))} "
+                f"not {quote(prf.iss)}",
             )
         authority = prf.aud
         if proves(command, prf.cmd):
@@ -121,11 +125,12 @@ def validate_invocation(
         if not chain:
             raise ValidationError(
                 "InvalidClaim",
-                f"invocation {str(inv.cid)!r} is not issued by subject and has no proofs",
+                f"invocation {inv.cid} is not issued by subject and has no proofs",
             )
         raise ValidationError(
             "InvalidAudience",
-            f"invocation {str(inv.cid)!r} issuer is {authority!r} not {inv.iss!r}",
+            f"invocation {quote(str(inv.cid))} issuer is {quote(str(authority))} "
+            f"not {quote(inv.iss)}",
         )
     if not proves(command, inv.cmd):
         raise ValidationError(
@@ -143,5 +148,6 @@ def check_audience(inv: Invocation, service_did: str) -> None:
     if inv.audience != service_did:
         raise ValidationError(
             "InvalidAudience",
-            f"invocation {str(inv.cid)!r} is addressed to {inv.audience!r}, not {service_did!r}",
+            f"invocation {quote(str(inv.cid))} is addressed to {quote(inv.audience)}, "
+            f"not {quote(service_did)}",
         )

@@ -1,4 +1,9 @@
-"""Varsig v1 headers: only Ed25519 over DAG-CBOR (``34 01 ed 01 ed 01 13 71``) is accepted."""
+"""Varsig v1 headers: Ed25519 (``34 01 ed 01 ed 01 13 71``) and secp256k1 ECDSA
+(``34 01 ec 01 e7 01 12 71``) over DAG-CBOR are accepted, the two ucantone signs with.
+
+The header only says how the issuer claims to have signed: as ucantone, the validator does
+not compare it with the issuer's key type, it tries the issuer's keys on the signed bytes.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +14,26 @@ from worker.ucan.errors import DecodeError
 
 #: varsig v1, EdDSA, curve ed25519-pub, sha2-512, payload DAG-CBOR
 ED25519_DAG_CBOR: Final = bytes.fromhex("3401ed01ed011371")
+#: varsig v1, ECDSA, curve secp256k1-pub, sha2-256, payload DAG-CBOR
+SECP256K1_DAG_CBOR: Final = bytes.fromhex("3401ec01e7011271")
+#: the headers accepted on decode
+HEADERS: Final = frozenset((ED25519_DAG_CBOR, SECP256K1_DAG_CBOR))
 
 _ALGORITHMS: Final = {
     0xED: "EdDSA",
-    0xEC: "ECDSA (secp256k1)",
+    0xEC: "ECDSA",
     0xD000: "absentee (non-standard)",
     0x300001: "attested authority (libforge)",
 }
 
 
 def check_header(header: bytes) -> None:
-    """Accept the Ed25519 + DAG-CBOR header; refuse any other, naming what it is.
+    """Accept the Ed25519 and secp256k1 DAG-CBOR headers; refuse any other, naming what it is.
 
     Raises:
         DecodeError: any other header.
     """
-    if header == ED25519_DAG_CBOR:
+    if header in HEADERS:
         return
     raise DecodeError(f"cannot decode token: unsupported varsig header {describe(header)}")
 
@@ -41,4 +50,7 @@ def describe(header: bytes) -> str:
     except DecodeError:
         return f"{shown} (truncated)"
     name = _ALGORITHMS.get(alg, f"algorithm 0x{alg:x}")
-    return f"{shown} ({name}; only Ed25519 with DAG-CBOR payload, 3401ed01ed011371, is accepted)"
+    return (
+        f"{shown} ({name}; only Ed25519 (3401ed01ed011371) and secp256k1 (3401ec01e7011271) "
+        "with DAG-CBOR payload are accepted)"
+    )
