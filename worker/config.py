@@ -78,6 +78,15 @@ def _did(raw: str) -> str:
     return raw
 
 
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
 def _log_format(raw: str) -> str:
     if raw not in ("json", "console"):
         raise ValueError(f"expected json or console, got {raw!r}")
@@ -152,6 +161,24 @@ class Settings:
         _int_range(0, 3600),
         "seconds of leeway on exp/nbf (0: ucantone's rule, never executed after exp)",
         default=0,
+    )
+    plc_directory: str = _opt(
+        "PLC_DIRECTORY",
+        _url(("https", "http")),
+        "PLC directory did:plc issuers are resolved from (GET {directory}/{did})",
+        default="https://plc.directory",
+    )
+    did_cache_ttl: int = _opt(
+        "DID_CACHE_TTL",
+        _int_range(0, 7 * 86400),
+        "seconds a resolved DID document is kept (failures are not kept)",
+        default=10800,
+    )
+    allow_provision_without_plan: bool = _opt(
+        "ALLOW_PROVISION_WITHOUT_PLAN",
+        _flag,
+        "allow /provider/add for an account with no customer row",
+        default=False,
     )
     log_format: str = _opt(
         "LOG_FORMAT", _log_format, "json or console", default_factory=_default_log_format

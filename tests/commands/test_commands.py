@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from worker.commands import CommandError, customer_add, lookup
+from worker.commands import CommandError, Context, customer_add, lookup, provider_add, space_info
 from worker.commands.customer_add import AddArguments, details_json, parse_arguments
 
 GOOD: dict[str, Any] = {
@@ -18,7 +18,13 @@ GOOD: dict[str, Any] = {
 
 
 def test_registry_maps_the_command_to_its_module() -> None:
-    assert lookup("/customer/add") is customer_add
+    found: dict[str, object] = {c: lookup(c) for c in ("/customer/add", "/provider/add")}
+    found["/space/info"] = lookup("/space/info")
+    assert found == {
+        "/customer/add": customer_add,
+        "/provider/add": provider_add,
+        "/space/info": space_info,
+    }
     assert lookup("/customer/remove") is None
 
 
@@ -56,10 +62,10 @@ def test_malformed_arguments_name_the_field(args: object, fragment: str) -> None
 def test_the_subject_must_be_the_service() -> None:
     inv: Any = SimpleNamespace(sub="did:key:zOther", args=GOOD)
     with pytest.raises(CommandError) as err:
-        customer_add.prepare(inv, "did:web:upload.example")
+        customer_add.prepare(inv, Context("did:web:upload.example"))
     assert err.value.name == "InvalidCustomerSubject"
     ok: Any = SimpleNamespace(sub="did:web:upload.example", args=GOOD)
-    assert customer_add.prepare(ok, "did:web:upload.example").customer == "did:plc:abc"
+    assert customer_add.prepare(ok, Context("did:web:upload.example")).customer == "did:plc:abc"
 
 
 def test_details_are_a_json_object_or_null() -> None:

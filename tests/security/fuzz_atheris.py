@@ -62,7 +62,7 @@ def pipeline(body: bytes) -> None:
             validate_invocation(tok, req.delegations, now=NOW, clock_skew=60, resolver=RESOLVER)
             handler = commands.lookup(tok.cmd)
             if handler is not None:
-                handler.prepare(tok, SERVICE.did)
+                handler.prepare(tok, commands.Context(SERVICE.did))
         except (ValidationError, CommandError):
             pass
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tests.security.helpers import NOW, customer_did, dlg, inv, old_glob_regex
 from tests.support.worker import Requester
 from worker import commands
-from worker.commands import CommandError
+from worker.commands import CommandError, Context
 from worker.service.app import App
 from worker.ucan import (
     CID,
@@ -84,7 +84,7 @@ def refused(
         handler = commands.lookup(tok.cmd)
         if handler is None:
             raise CommandError("HandlerNotFound", tok.cmd)
-        handler.prepare(tok, service_did)
+        handler.prepare(tok, Context(service_did))
     except (ValidationError, CommandError) as exc:
         return exc
     return None

@@ -264,10 +264,10 @@ async def test_a_message_that_breaks_validation_fails_alone(
     poison = customer_did()
     real_prepare = customer_add.prepare
 
-    def prepare(inv: Any, service_did: str) -> Any:
+    def prepare(inv: Any, ctx: Any) -> Any:
         if inv.args.get("customer") == poison:
             raise RuntimeError("a bug on this input")
-        return real_prepare(inv, service_did)
+        return real_prepare(inv, ctx)
 
     monkeypatch.setattr(customer_add, "prepare", prepare)
     pool = await store.create_pool(worker_settings.database_url)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from tests.security.helpers import NOW, dlg, inv
 from worker import commands
-from worker.commands import CommandError
+from worker.commands import CommandError, Context
 from worker.ucan import (
     DecodeError,
     Delegation,
@@ -72,7 +72,7 @@ def pipeline(body: bytes, *, max_size: int = MAX_SIZE) -> Request | None:
             validate_invocation(tok, req.delegations, now=NOW, clock_skew=60, resolver=RESOLVER)
             handler = commands.lookup(tok.cmd)
             if handler is not None:
-                handler.prepare(tok, SERVICE.did)
+                handler.prepare(tok, Context(SERVICE.did))
         except (ValidationError, CommandError) as exc:
             assert exc.name and exc.message
     return req
@@ -124,7 +124,7 @@ def test_a_bit_flipped_at_every_byte() -> None:
                     validate_invocation(tok, req.delegations, now=NOW, resolver=RESOLVER)
                     handler = commands.lookup(tok.cmd)
                     assert handler is not None
-                    handler.prepare(tok, SERVICE.did)
+                    handler.prepare(tok, Context(SERVICE.did))
 
 
 @settings(max_examples=300, deadline=2000)

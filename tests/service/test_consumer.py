@@ -11,7 +11,8 @@ import pytest
 
 from worker.amqp import topology
 from worker.service.acks import AckTracker
-from worker.service.consumer import _attempt, is_transient_db_error
+from worker.service.consumer import is_transient_db_error
+from worker.service.jobs import attempt_of as _attempt
 
 
 def test_acks_cover_only_tags_with_nothing_unsettled_below() -> None:

@@ -17,7 +17,8 @@ import structlog
 from worker.config import Settings
 from worker.service import consumer as consumer_mod
 from worker.service import store as store_mod
-from worker.service.consumer import Consumer, Item, Job
+from worker.service.consumer import Consumer
+from worker.service.jobs import Item, Job
 from worker.service.metrics import Metrics
 from worker.ucan import Signer
 
@@ -74,7 +75,7 @@ async def test_the_batch_waits_for_the_database_and_is_not_retried(
     items = batch()
     store = asyncio.create_task(c._store(items, now=0.0))
     await asyncio.wait_for(pool.refused.wait(), timeout=10)  # the first try failed
-    assert not c._db_up.is_set() and not store.done() and pool.transactions == 0
+    assert not c._db.up.is_set() and not store.done() and pool.transactions == 0
     pool.down = False  # the next ping answers
     await asyncio.wait_for(store, timeout=10)
     assert pool.transactions == 1
@@ -92,10 +93,8 @@ async def test_a_database_away_longer_than_the_hold_sends_the_batch_to_a_retry_t
     assert (items[0].failure, items[0].reason) == ("transient", "database")
     assert "unreachable" in items[0].error
     # no broker here to stop: cancel the watcher, which is still pinging
-    assert c._db_watch is not None
-    c._db_watch.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await c._db_watch
+    assert c._db.watch is not None
+    await c._db.stop()
 
 
 def delivery(size: int, n: int) -> Item:

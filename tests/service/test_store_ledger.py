@@ -105,7 +105,7 @@ async def test_the_effect_applies_the_claimed_tasks_once_each_as_in_message_orde
     c = AddArguments("did:plc:a", "did:web:p3", {}, "acct-3")
     stored = AddArguments("did:plc:b", "did:web:stored", {"k": "s"}, "acct-s")
     items = [("t0", stored), ("t1", a), ("t2", b), ("t3", c)]
-    effect = [(customer_add.EFFECT, customer_add.effect_args(items))]
+    effect = [(customer_add.EFFECTS, customer_add.effect_args(items))]
     async with pool.acquire() as conn:
         await store.claim_receipts(conn, [ledger_row("t0")])  # t0 answered before
         inserted, held = await store.claim_receipts(
@@ -121,7 +121,7 @@ async def test_the_effect_applies_the_claimed_tasks_once_each_as_in_message_orde
         # task already in the ledger (t1 again) takes no effect
         d = AddArguments("did:plc:b", "did:web:p4", {"k": "4"}, "acct-4")
         items = [("t4", d), ("t1", a)]
-        effect = [(customer_add.EFFECT, customer_add.effect_args(items))]
+        effect = [(customer_add.EFFECTS, customer_add.effect_args(items))]
         inserted, held = await store.claim_receipts(
             conn, [ledger_row(t) for t, _ in sorted(items)], effect
         )
@@ -130,5 +130,8 @@ async def test_the_effect_applies_the_claimed_tasks_once_each_as_in_message_orde
 
 
 def test_effects_are_numbered_after_the_ledger_parameters() -> None:
-    query = store.claim_statement([("SELECT {0}, {1}", [1, 2]), ("SELECT {0}", [3])])
-    assert "effect_0 AS (SELECT $4, $5)" in query and "effect_1 AS (SELECT $6)" in query
+    query = store.claim_statement(
+        [(["SELECT {0}, {1}", "SELECT {1}"], [1, 2]), (["SELECT {0}"], [3])]
+    )
+    assert "effect_0_0 AS (SELECT $4, $5)" in query and "effect_0_1 AS (SELECT $5)" in query
+    assert "effect_1_0 AS (SELECT $6)" in query

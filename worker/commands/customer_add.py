@@ -7,10 +7,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from worker.commands.base import CommandError
+from worker.commands.base import CommandError, Context
 from worker.ucan import Invocation
 
 COMMAND: Final = "/customer/add"
+#: a write: once per task, through the ledger
+LEDGERED: Final = True
+#: nothing to read first: every prepared invocation succeeds with ``{}``
+decide = None
 
 #: Runs in the batch's one statement, after the receipt ledger's insert (``claimed`` holds
 #: the tasks it inserted): the customers of those tasks only, one row per customer, equal to
@@ -96,16 +100,16 @@ def parse_arguments(args: object) -> AddArguments:
     return AddArguments(customer, product, dict(details), external)
 
 
-def prepare(inv: Invocation, service_did: str) -> AddArguments:
+def prepare(inv: Invocation, ctx: Context) -> AddArguments:
     """The subject must be the service (sprue's rule), then the arguments are checked.
 
     Raises:
         CommandError: ``InvalidCustomerSubject`` or ``MalformedArguments``.
     """
-    if inv.sub != service_did:
+    if inv.sub != ctx.service_did:
         raise CommandError(
             "InvalidCustomerSubject",
-            f"invocation subject must be the service {service_did}, got {inv.sub}",
+            f"invocation subject must be the service {ctx.service_did}, got {inv.sub}",
         )
     return parse_arguments(inv.args)
 
@@ -125,3 +129,7 @@ def effect_args(items: Sequence[tuple[str, object]]) -> list[object]:
         [a.product for _, a in rows],
         [details_json(a.details) for _, a in rows],
     ]
+
+
+#: the statements of the effect (one here)
+EFFECTS: Final = (EFFECT,)

@@ -25,6 +25,7 @@ from worker.service.consumer import Consumer
 from worker.service.depth import DepthPoller
 from worker.service.http import serve_http
 from worker.service.metrics import Metrics
+from worker.service.resolve import DidResolver
 
 HTTP_HOST: Final = "127.0.0.1"
 #: seconds deliveries may stay pending with none of them settled before the worker stops
@@ -90,6 +91,7 @@ class App:
     broker: Broker | None = None
     pool: asyncpg.Pool | None = None
     consumer: Consumer | None = None
+    directory: DidResolver | None = None
     #: the HTTP server's bound port (None when off)
     http_port: int | None = None
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
@@ -204,7 +206,23 @@ async def running(
         )
         await stack.enter_async_context(_stopping_within(poller, "depth_poller", stragglers))
 
-        app.consumer = Consumer(settings, app.broker, app.pool, app.key.signer, app.metrics, log)
+        directory = await stack.enter_async_context(
+            DidResolver(
+                settings.plc_directory,
+                ttl=settings.did_cache_ttl,
+                on_request=app.metrics.directory_requests.inc,
+            )
+        )
+        app.directory = directory
+        app.consumer = Consumer(
+            settings,
+            app.broker,
+            app.pool,
+            app.key.signer,
+            app.metrics,
+            log,
+            directory=directory,
+        )
         app.health.consumer = app.consumer
         if freeze_heap:
             log.info("startup_heap_frozen", objects=_freeze_startup_heap())

@@ -26,7 +26,6 @@ import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -34,16 +33,16 @@ import asyncpg
 from structlog.typing import FilteringBoundLogger
 
 from worker.amqp import guard, topology
-from worker.commands import CommandError, Handler, lookup
+from worker.commands import CommandError, Context, Handler, lookup
 from worker.config import Settings
 from worker.service import store
 from worker.service.acks import AckTracker
 from worker.service.broker import Broker, Incoming, Outgoing, copy_of, safe_copy_of
+from worker.service.jobs import Item, Job, attempt_of, decides, ledgered
 from worker.service.metrics import Metrics
+from worker.service.resolve import DidResolver, Resolution, plc_issuers
 from worker.ucan import (
     DecodeError,
-    Invocation,
-    Request,
     Resolver,
     Signer,
     ValidationError,
@@ -70,8 +69,9 @@ DB_TIMEOUT: Final = 15.0
 #: held batches fill the prefetch window, so the rest of the inbox waits where it is instead
 #: of spending retry attempts (kept well under the broker's consumer timeout, 30 min)
 DB_HOLD: Final = 60.0
-#: seconds between pings of a lost database (doubling up to the second value)
-DB_PING_EVERY: Final = (0.25, 5.0)
+#: seconds a batch waits for a PLC directory that cannot answer before it goes to a retry
+#: tier (as a lost database holds it)
+DIRECTORY_HOLD: Final = 60.0
 #: validation errors re-checked as of an invocation's first arrival
 _TIME_ERRORS: Final = frozenset({"Expired", "TooEarly"})
 
@@ -86,59 +86,6 @@ def is_transient_db_error(exc: BaseException) -> bool:
         state = str(getattr(exc, "sqlstate", "") or "")
         return state.startswith(_RETRY_SQLSTATES)
     return False
-
-
-@dataclass(slots=True)
-class Job:
-    """One invocation of a request, addressed to the service."""
-
-    inv: Invocation
-    handler: Handler | None = None
-    prepared: object = None
-    #: (name, message) when the invocation is refused
-    error: tuple[str, str] | None = None
-    receipt: bytes | None = None
-    duplicate: bool = False
-
-    @property
-    def task(self) -> str:
-        return str(self.inv.task_cid)
-
-    @property
-    def cid(self) -> str:
-        return str(self.inv.cid)
-
-
-@dataclass(slots=True)
-class Item:
-    """One delivered message and what became of it."""
-
-    msg: Incoming
-    channel: Any
-    received: float
-    attempt: int = 0
-    request: Request | None = None
-    jobs: list[Job] = field(default_factory=list)
-    #: set when the message failed: ``permanent`` (dead-letter) or ``transient`` (retry)
-    failure: str | None = None
-    reason: str = ""
-    error: str = ""
-    #: acked (or about to be, once the tags below it are) or given back to the queue
-    settled: bool = False
-
-    def fail(self, kind: str, reason: str, error: str) -> None:
-        if self.failure != "permanent":  # a permanent verdict is never softened
-            self.failure, self.reason, self.error = kind, reason, error
-
-
-def _attempt(msg: Incoming, tiers: int) -> int:
-    """The worker's own attempt counter; clamped, since headers are the sender's to write."""
-    raw = (msg.headers or {}).get(topology.H_ATTEMPT)
-    try:
-        value = int(raw) if isinstance(raw, (int, str, bytes)) else 0
-    except ValueError:
-        return 0
-    return max(0, min(value, tiers))
 
 
 def _now() -> float:
@@ -161,6 +108,8 @@ class Consumer:
         max_batch: int = MAX_BATCH,
         max_concurrent_batches: int = MAX_CONCURRENT_BATCHES,
         db_hold: float = DB_HOLD,
+        directory: DidResolver | None = None,
+        directory_hold: float = DIRECTORY_HOLD,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -174,6 +123,10 @@ class Consumer:
         self.service_did = signer.did
         static = {signer.did: [signer.public_key]} if signer.did != signer.key_did else {}
         self.resolver = Resolver(static)
+        #: the PLC directory did:plc issuers are resolved from (None: none are)
+        self.directory = directory
+        self.directory_hold = directory_hold
+        self.ctx = Context(signer.did, settings.allow_provision_without_plan)
         #: deliveries not yet in a batch, in delivery order
         self._buffer: deque[Item] = deque()
         #: a delivery taken from the queue that did not fit its batch: first in the next one
@@ -194,11 +147,8 @@ class Consumer:
         self._acks = AckTracker()
         self._pending_arrivals: dict[str, datetime] = {}
         self._loop_task: asyncio.Task[None] | None = None
-        #: set while the database is thought reachable; cleared on a lost connection until a
-        #: ping answers again (see _hold_for_database)
-        self._db_up = asyncio.Event()
-        self._db_up.set()
-        self._db_watch: asyncio.Task[None] | None = None
+        #: whether the database is thought reachable, and the wait for it when it is not
+        self._db = store.DatabaseWatch(pool, log)
         #: settles when nothing is buffered or being processed
         self.idle = asyncio.Event()
         self.idle.set()
@@ -233,7 +183,7 @@ class Consumer:
         channel = msg.channel
         assert msg.delivery_tag is not None
         self._acks.received(channel, msg.delivery_tag)
-        attempt = _attempt(msg, len(self.settings.retry_delays))
+        attempt = attempt_of(msg, len(self.settings.retry_delays))
         self._buffer.append(Item(msg, channel, time.monotonic(), attempt))
         if len(self._buffer) in (1, self._fill):
             self._wake.set()
@@ -271,10 +221,7 @@ class Consumer:
             task.cancel()
         if self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
-        if self._db_watch is not None:
-            self._db_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._db_watch
+        await self._db.stop()
         return drained
 
     async def next_batch(self) -> list[Item]:
@@ -398,15 +345,17 @@ class Consumer:
                 await self._nack(item)
 
     async def _prepare(self, batch: list[Item], now: float) -> None:
-        """Decode, check and store ``batch``: while a batch is here, the next one waits for
-        company (see ``_batch_ready``)."""
+        """Decode, resolve, check and store ``batch``: while a batch is here, the next one
+        waits for company (see ``_batch_ready``)."""
         self._preparing += 1
         try:
             for item in batch:
                 self._decode(item)
-                for job in item.jobs:
-                    assert item.request is not None
-                    self._check(job, now, item.request.delegations)
+            await self._resolve(batch)
+            for item in batch:
+                if item.failure is None:
+                    for job in item.jobs:
+                        self._check(job, now)
             await self._store(batch, now)
         finally:
             self._preparing -= 1
@@ -430,9 +379,46 @@ class Consumer:
             # tokens were there but none could be read: undecodable, not "nothing for us"
             item.fail("permanent", "undecodable", "; ".join(item.request.dropped)[:500])
             return
+        proofs = item.request.delegations
         for inv in item.request.invocations:
             if (inv.aud or inv.sub) == self.service_did:
-                item.jobs.append(Job(inv))
+                item.jobs.append(Job(inv, proofs))
+
+    # --- resolving did:plc issuers ---------------------------------------------------------
+
+    async def _resolve(self, batch: list[Item]) -> None:
+        """Resolve the batch's did:plc issuers before anything is validated, so validation
+        stays a pure function of bytes, documents and the clock. A directory that cannot
+        answer holds the batch (asking again) up to ``directory_hold`` s; then the messages
+        that need it go to a retry tier, like a lost database: never an error receipt."""
+        wanted: dict[int, set[str]] = {}
+        refused: dict[str, str] = {}
+        for item in batch:
+            if item.failure is None and item.jobs:
+                dids = plc_issuers([(j.inv, j.proofs) for j in item.jobs], refused)
+                if dids:
+                    wanted[id(item)] = dids
+        if not wanted and not refused:
+            return
+        resolution = Resolution(failures=dict(refused))
+        if wanted and self.directory is not None:
+            got = await self.directory.resolve_holding(
+                set().union(*wanted.values()),
+                hold=self.directory_hold,
+                log=self.log,
+                counted=lambda outcome, n: self.metrics.did_resolutions.labels(outcome).inc(n),
+            )
+            resolution.documents.update(got.documents)
+            resolution.failures.update(got.failures)
+            resolution.unavailable = got.unavailable
+        view = self.resolver.with_documents(resolution.documents, resolution.failures)
+        for item in batch:
+            down = sorted(wanted.get(id(item), set()) & resolution.unavailable.keys())
+            if down:
+                item.fail("transient", "directory", resolution.unavailable[down[0]])
+                continue
+            for job in item.jobs:
+                job.resolver = view
 
     def _unanswerable(self, msg: Incoming) -> str | None:
         """Why no response to ``msg`` could be written, or None: its ``reply_to`` (the
@@ -449,26 +435,26 @@ class Consumer:
                 )
         return None
 
-    def _check(self, job: Job, now: float, proofs: Any) -> None:
+    def _check(self, job: Job, now: float) -> None:
         """Dispatcher order of ucantone: handler, then validation, then the handler's checks."""
         inv = job.inv
         job.handler = lookup(inv.cmd)
         if job.handler is None:
             job.error = ("HandlerNotFound", f"no handler for command {inv.cmd!r} at this service")
             return
-        self._validate(job, now, proofs)
+        self._validate(job, now)
 
-    def _validate(self, job: Job, at: float, proofs: Any) -> None:
+    def _validate(self, job: Job, at: float) -> None:
         assert job.handler is not None
         try:
             validate_invocation(
                 job.inv,
-                proofs,
+                job.proofs,
                 now=int(at),
                 clock_skew=self.settings.clock_skew,
-                resolver=self.resolver,
+                resolver=job.resolver or self.resolver,
             )
-            job.prepared = job.handler.prepare(job.inv, self.service_did)
+            job.prepared = job.handler.prepare(job.inv, self.ctx)
             job.error = None
         except (ValidationError, CommandError) as exc:
             job.error = (exc.name, exc.message)
@@ -492,7 +478,7 @@ class Consumer:
             return
         arrivals = self._arrivals_to_record(live, now)
         for last_try in (False, True):
-            if not await self._hold_for_database():
+            if not await self._db.hold(self.db_hold):
                 for item in live:
                     item.fail("transient", "database", f"unreachable for {self.db_hold:g} s")
                 return
@@ -507,7 +493,7 @@ class Consumer:
                 if is_transient_db_error(exc):
                     if not last_try:  # (a lost database: wait for it) then try once more
                         if isinstance(exc, store.CONNECTION_ERRORS):
-                            self._database_lost(exc)
+                            self._db.lost(_describe(exc))
                         continue
                     for item in live:
                         item.fail("transient", "database", _describe(exc))
@@ -529,37 +515,13 @@ class Consumer:
                 self._reset([item])
                 item.fail("transient", "database", _describe(exc))
 
-    def _database_lost(self, exc: BaseException) -> None:
-        """Note a lost database; one watcher pings it until it answers again."""
-        if not self._db_up.is_set():
-            return
-        self._db_up.clear()
-        self.log.warning("database_lost", error=_describe(exc))
-        self._db_watch = asyncio.create_task(self._watch_database(), name="forge-worker-db")
-
-    async def _watch_database(self) -> None:
-        delay, most = DB_PING_EVERY
-        while not await store.ping(self.pool):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, most)
-        self.log.info("database_back")
-        self._db_up.set()
-
-    async def _hold_for_database(self) -> bool:
-        """True at once while the database is up; else wait for it up to ``db_hold`` s."""
-        if self._db_up.is_set():
-            return True
-        try:
-            async with asyncio.timeout(self.db_hold):
-                await self._db_up.wait()
-        except TimeoutError:
-            return False
-        return True
-
     def _reset(self, items: list[Item]) -> None:
-        """Forget what a rolled-back transaction decided (receipts it did not store)."""
+        """Forget what a rolled-back transaction decided (receipts it did not store, the
+        outcomes its checks read)."""
         for item in items:
             for job in item.jobs:
+                if job.decided:
+                    job.ok, job.error, job.decided = None, None, False
                 if job.error is None:
                     job.receipt, job.duplicate = None, False
 
@@ -585,12 +547,13 @@ class Consumer:
     ) -> None:
         """The batch's database work: one statement (the ledger and the commands' effects,
         see ``store.claim_receipts``), in a transaction only when arrivals are recorded or
-        time bounds re-checked first (retries and redeliveries)."""
+        time bounds re-checked first (retries and redeliveries), or a command reads the
+        database to decide (``/provider/add``'s checks, ``/space/info``)."""
         jobs = [j for i in items for j in i.jobs]
         # time bounds as of the first arrival: the arrivals table, or when the ledger stored
         # the task's receipt (it was valid then); never a header
         late = [j for j in jobs if j.error is not None and j.error[0] in _TIME_ERRORS]
-        if not arrivals and not late:
+        if not arrivals and not late and not any(decides(j) for j in jobs):
             await self._claim(conn, jobs, {}, now)
             return
         async with conn.transaction():
@@ -604,10 +567,44 @@ class Consumer:
                     seen = [t for t in times if t]
                     if seen:
                         previous = job.error
-                        self._validate(job, min(seen).timestamp(), self._proofs_of(items, job))
+                        self._validate(job, min(seen).timestamp())
                         if job.error is not None:
                             job.error = previous
+            deciding = [j for j in jobs if decides(j)]
+            if deciding:
+                stored = {j.task for j in deciding if ledgered(j)} - ledger.keys()
+                if stored:
+                    ledger.update(await store.stored_receipts(conn, stored))
+                await self._decide(conn, deciding, ledger)
             await self._claim(conn, jobs, ledger, now)
+
+    async def _decide(
+        self, conn: asyncpg.Connection, jobs: list[Job], ledger: dict[str, tuple[bytes, datetime]]
+    ) -> None:
+        """Each handler's database checks, for the jobs it has in this batch (message
+        order); a task the ledger holds is answered with its stored receipt instead, and a
+        task repeated within the batch shares its first job's outcome."""
+        groups: dict[str, list[Job]] = {}
+        first: dict[str, Job] = {}
+        repeats: list[tuple[Job, Job]] = []
+        for job in jobs:
+            assert job.handler is not None
+            ledgered = job.handler.LEDGERED
+            if ledgered and job.task in ledger:
+                continue
+            if ledgered and job.task in first:
+                repeats.append((job, first[job.task]))
+                continue
+            first[job.task] = job
+            groups.setdefault(job.handler.COMMAND, []).append(job)
+        for group in groups.values():
+            handler = group[0].handler
+            assert handler is not None and handler.decide is not None
+            outcomes = await handler.decide(conn, [(j.task, j.prepared) for j in group], self.ctx)
+            for job, outcome in zip(group, outcomes, strict=True):
+                job.ok, job.error, job.decided = outcome.ok, outcome.error, True
+        for job, leader in repeats:
+            job.ok, job.error, job.decided = leader.ok, leader.error, True
 
     async def _claim(
         self,
@@ -616,7 +613,15 @@ class Consumer:
         ledger: dict[str, tuple[bytes, datetime]],
         now: float,
     ) -> None:
-        valid = [j for j in jobs if j.error is None]
+        iat = int(now)
+        valid: list[Job] = []
+        for job in jobs:
+            if job.error is not None:
+                continue
+            if ledgered(job):
+                valid.append(job)
+            else:  # a read: answered every time, never stored
+                job.receipt = build_receipt(self.signer, ran=job.inv.task_cid, ok=job.ok, iat=iat)
         new: dict[str, Job] = {}  # the first job of each task, in message order
         for job in valid:
             if job.task in ledger:
@@ -625,16 +630,17 @@ class Consumer:
                 new[job.task] = job
         # signed before the ledger is read (in the same statement as the insert): a task the
         # ledger holds already (a redelivery) costs one signature that is thrown away
-        iat = int(now)
         by_handler: dict[str, list[tuple[str, object]]] = {}
         handlers: dict[str, Handler] = {}
         for task, job in new.items():
-            job.receipt = build_receipt(self.signer, ran=job.inv.task_cid, iat=iat)
+            job.receipt = build_receipt(self.signer, ran=job.inv.task_cid, ok=job.ok, iat=iat)
             assert job.handler is not None
             handlers[job.handler.COMMAND] = job.handler
             by_handler.setdefault(job.handler.COMMAND, []).append((task, job.prepared))
         effects = [
-            (handlers[c].EFFECT, handlers[c].effect_args(it)) for c, it in by_handler.items()
+            (handlers[c].EFFECTS, handlers[c].effect_args(it))
+            for c, it in by_handler.items()
+            if handlers[c].EFFECTS
         ]
         inserted, held = await store.claim_receipts(
             conn, [(t, j.cid, j.receipt) for t, j in sorted(new.items()) if j.receipt], effects
@@ -649,13 +655,6 @@ class Consumer:
             # a task the ledger held, a repeat within this batch, or stored by another worker
             job.duplicate = True
             job.receipt = ledger[job.task][0] if job.task in ledger else new[job.task].receipt
-
-    @staticmethod
-    def _proofs_of(items: list[Item], job: Job) -> Any:
-        for item in items:
-            if job in item.jobs and item.request is not None:
-                return item.request.delegations
-        return {}
 
     # --- responses -------------------------------------------------------------------------
 

@@ -51,6 +51,19 @@ class Metrics:
             buckets=_AGE_BUCKETS,
             registry=r,
         )
+        self.did_resolutions = Counter(
+            "forge_worker_did_resolutions",
+            "did:plc DIDs resolved for a batch, by outcome: document (from the cache or the "
+            "directory), refused (the directory does not know it, or not a DID document), "
+            "unavailable (the directory could not answer in time)",
+            ["outcome"],
+            registry=r,
+        )
+        self.directory_requests = Counter(
+            "forge_worker_directory_requests",
+            "GET requests sent to the PLC directory",
+            registry=r,
+        )
         self.ready = Gauge(
             "forge_worker_ready",
             "1 when every readiness check passes (evaluated on each scrape and /readyz)",

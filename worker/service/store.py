@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Final
 
 import asyncpg
+from structlog.typing import FilteringBoundLogger
 
 from worker.config import Settings
 from worker.errors import Unreachable
@@ -173,14 +175,16 @@ async def stored_receipts(
     return {r["task_cid"]: (bytes(r["receipt"]), r["created_at"]) for r in rows}
 
 
-def claim_statement(effects: Sequence[tuple[str, Sequence[object]]]) -> str:
-    """The statement of :func:`claim_receipts` with ``effects`` (SQL with ``{0}``…
-    placeholders, and their arguments) as CTEs, numbered after the ledger's three."""
+def claim_statement(effects: Sequence[tuple[Sequence[str], Sequence[object]]]) -> str:
+    """The statement of :func:`claim_receipts` with ``effects`` as CTEs, numbered after the
+    ledger's three parameters. Each effect is ``(statements, arguments)``: SQL with ``{0}``…
+    placeholders for its arguments, shared by the effect's statements."""
     parts = [_CLAIM_HEAD]
     n = 3
-    for k, (sql, args) in enumerate(effects):
+    for k, (statements, args) in enumerate(effects):
         placeholders = [f"${n + i + 1}" for i in range(len(args))]
-        parts.append(f",\neffect_{k} AS ({sql.format(*placeholders)})")
+        for j, sql in enumerate(statements):
+            parts.append(f",\neffect_{k}_{j} AS ({sql.format(*placeholders)})")
         n += len(args)
     parts.append(_CLAIM_TAIL)
     return "".join(parts)
@@ -189,7 +193,7 @@ def claim_statement(effects: Sequence[tuple[str, Sequence[object]]]) -> str:
 async def claim_receipts(
     conn: asyncpg.Connection,
     rows: Sequence[tuple[str, str, bytes]],
-    effects: Sequence[tuple[str, Sequence[object]]] = (),
+    effects: Sequence[tuple[Sequence[str], Sequence[object]]] = (),
 ) -> tuple[set[str], dict[str, tuple[bytes, datetime]]]:
     """Insert (task CID, invocation CID, receipt) rows and apply ``effects`` to the tasks
     inserted, in one statement (one round trip, atomic without a transaction).
@@ -239,6 +243,57 @@ async def ping(pool: asyncpg.Pool, within: float = 2.0) -> bool:
         return True
     except Exception:
         return False
+
+
+#: seconds between pings of a lost database (doubling up to the second value)
+PING_EVERY: Final = (0.25, 5.0)
+
+
+class DatabaseWatch:
+    """Whether the database is thought reachable; when a batch finds it lost, one watcher
+    pings it until it answers, and batches :meth:`hold` for it meanwhile (their deliveries
+    fill the prefetch window, so the rest of the inbox waits where it is)."""
+
+    def __init__(self, pool: asyncpg.Pool, log: FilteringBoundLogger) -> None:
+        self._pool = pool
+        self._log = log
+        self.up = asyncio.Event()
+        self.up.set()
+        self.watch: asyncio.Task[None] | None = None
+
+    def lost(self, why: str) -> None:
+        """Note a lost database (once: one watcher pings it)."""
+        if not self.up.is_set():
+            return
+        self.up.clear()
+        self._log.warning("database_lost", error=why)
+        self.watch = asyncio.create_task(self._watch(), name="forge-worker-db")
+
+    async def _watch(self) -> None:
+        delay, most = PING_EVERY
+        while not await ping(self._pool):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, most)
+        self._log.info("database_back")
+        self.up.set()
+
+    async def hold(self, seconds: float) -> bool:
+        """True at once while the database is up; else wait for it up to ``seconds``."""
+        if self.up.is_set():
+            return True
+        try:
+            async with asyncio.timeout(seconds):
+                await self.up.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Stop pinging."""
+        if self.watch is not None:
+            self.watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watch
 
 
 async def _migrate_once(database_url: str) -> list[Migration]:
