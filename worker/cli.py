@@ -55,6 +55,12 @@ def _setting_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None 
         )
 
 
+#: how every ``--key`` takes a key (CONTRACT §7): never its text, which ps would show
+_KEY_HELP: Final = (
+    "a file holding it (@FILE or a path; keygen's output works) or - to read it from "
+    "standard input; the key's text itself is refused, since ps shows arguments to every user"
+)
+
 _BROKER: Final = ("amqp_url", "database_url", "queue", "receipt_queue", "log_format")
 
 
@@ -139,10 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dg = sub.add_parser("delegate", help="sign a delegation with the service key")
     dg.add_argument(
-        "--key",
-        required=True,
-        metavar="KEY",
-        help="the issuer's key (the service): @PATH, a file, or the key itself",
+        "--key", required=True, metavar="KEY", help="the issuer's key (the service): " + _KEY_HELP
     )
     dg.add_argument("--to", required=True, metavar="DID", help="audience of the delegation")
     # dest: "command" is the subcommand's own name
@@ -166,9 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--json", action="store_true", help="print one JSON document")
 
     eq = sub.add_parser("enqueue", help="publish /customer/add and optionally await its receipt")
-    eq.add_argument(
-        "--key", required=True, metavar="KEY", help="the producer's key: @PATH, a file, or the key"
-    )
+    eq.add_argument("--key", required=True, metavar="KEY", help="the producer's key: " + _KEY_HELP)
     eq.add_argument("--issuer-did", metavar="DID", help="sign as this DID (e.g. did:web)")
     eq.add_argument("--proof", metavar="FILE", help="container with the delegation chain")
     eq.add_argument("--service", required=True, metavar="DID", help="the worker's service DID")

@@ -166,10 +166,16 @@ async def run_cli(*argv: str) -> int:
     return await asyncio.to_thread(cli.main, list(argv))
 
 
+@pytest.fixture(autouse=True)
+def _broker_in_the_environment(monkeypatch: pytest.MonkeyPatch, amqp_url: str) -> None:
+    """The broker URL holds a password, so the commands take it from the environment, as
+    an operator gives it (a password in a flag is refused: ps shows it)."""
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", amqp_url)
+
+
 def flags(settings: Settings) -> list[str]:
+    """The test's own queues and database (its URL has no password) as flags."""
     return [
-        "--amqp-url",
-        settings.amqp_url,
         "--database-url",
         settings.database_url,
         "--queue",
@@ -551,8 +557,6 @@ async def test_status_marks_missing_queues(amqp_url, queue_name, capsys) -> None
     args = (
         "status",
         "--json",
-        "--amqp-url",
-        amqp_url,
         "--queue",
         queue_name,
         "--receipt-queue",
@@ -563,11 +567,12 @@ async def test_status_marks_missing_queues(amqp_url, queue_name, capsys) -> None
     assert all(q["exists"] is False and q["ready"] is None for q in doc["queues"])
 
 
-async def test_status_without_broker_exits_3_with_one_line(capsys) -> None:
+async def test_status_without_broker_exits_3_with_one_line(capsys, monkeypatch) -> None:
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert await run_cli("status", "--amqp-url", f"amqp://guest:secret@127.0.0.1:{port}/") == 3
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", f"amqp://guest:secret@127.0.0.1:{port}/")
+    assert await run_cli("status") == 3
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "cannot reach the broker" in err
     assert "secret" not in err

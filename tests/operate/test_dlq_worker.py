@@ -90,9 +90,11 @@ async def test_replay_after_expiry_is_valid_as_of_first_arrival(
     amqp: AbstractRobustConnection,
     database_url: str,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The database is away long enough for the worker to give up (retries exhausted); the
     invocation expires in the DLQ; once the database is back, a replay still succeeds."""
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", worker_settings.amqp_url)  # it has a password
     settings = dataclasses.replace(worker_settings, clock_skew=0, retry_delays=(1,))
     exp = int(time.time()) + 2
     body = invocation(service, service.did, exp=exp)
@@ -116,8 +118,6 @@ async def test_replay_after_expiry_is_valid_as_of_first_arrival(
                 "--reason",
                 "retries-exhausted",
                 "--json",
-                "--amqp-url",
-                settings.amqp_url,
                 "--database-url",
                 settings.database_url,
                 "--queue",

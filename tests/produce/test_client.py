@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -55,6 +56,8 @@ class Stack:
     hilt: Signer
     proof: Delegation
     proof_file: Path
+    #: ``--key`` for Hilt's key: a file, as the command takes keys
+    hilt_key: str
 
 
 def _delegation(service: Signer, audience: str, pol: list[object] | None = None) -> Delegation:
@@ -64,6 +67,12 @@ def _delegation(service: Signer, audience: str, pol: list[object] | None = None)
     delegation = decode_token(token)
     assert isinstance(delegation, Delegation)
     return delegation
+
+
+@pytest.fixture(autouse=True)
+def _broker_in_the_environment(monkeypatch: pytest.MonkeyPatch, amqp_url: str) -> None:
+    """The commands take the broker URL (it has a password) from the environment."""
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", amqp_url)
 
 
 @pytest.fixture(name="stack")
@@ -79,6 +88,8 @@ async def _stack(
     proof = _delegation(service, hilt.did, [["like", ".product", "did:web:hilt.*"]])
     proof_file = tmp_path / "proof.ctn"
     proof_file.write_bytes(encode_container([proof.raw]))
+    hilt_key = tmp_path / "hilt.key"
+    hilt_key.write_text(hilt.export())
     settings = Settings(
         amqp_url=amqp_url,
         database_url=database_url,
@@ -89,7 +100,7 @@ async def _stack(
         log_format="json",
     )
     async with running(settings):
-        yield Stack(settings, service, hilt, proof, proof_file)
+        yield Stack(settings, service, hilt, proof, proof_file, f"@{hilt_key}")
     # the CLI runs' reply queue (--client-id cli) would expire by itself; remove it now
     ch = await amqp.channel()
     await ch.queue_delete(reply_queue_name(queue_name, "cli"))
@@ -288,13 +299,11 @@ async def test_bulk_enqueue_of_1000_from_a_file(stack: Stack, tmp_path: Path) ->
             if i % 10 == 0:
                 doc["external_account"] = f"stripe:cus_{i}"
             f.write(json.dumps(doc) + "\n")
-    key_file = tmp_path / "hilt.key"
-    key_file.write_text(stack.hilt.export())
     results = tmp_path / "results.ndjson"
     argv = [
         "enqueue",
         "--key",
-        f"@{key_file}",
+        stack.hilt_key,
         "--proof",
         str(stack.proof_file),
         "--service",
@@ -307,8 +316,6 @@ async def test_bulk_enqueue_of_1000_from_a_file(stack: Stack, tmp_path: Path) ->
         "64",
         "--client-id",
         "cli",
-        "--amqp-url",
-        stack.settings.amqp_url,
         "--queue",
         stack.settings.queue,
     ]
@@ -353,7 +360,7 @@ async def test_bulk_records_every_failure_and_goes_on(stack: Stack, tmp_path: Pa
         [
             "enqueue",
             "--key",
-            stack.hilt.export(),
+            stack.hilt_key,
             "--proof",
             str(stack.proof_file),
             "--service",
@@ -364,8 +371,6 @@ async def test_bulk_records_every_failure_and_goes_on(stack: Stack, tmp_path: Pa
             str(results),
             "--client-id",
             "cli",
-            "--amqp-url",
-            stack.settings.amqp_url,
             "--queue",
             stack.settings.queue,
         ],
@@ -381,14 +386,21 @@ async def test_bulk_records_every_failure_and_goes_on(stack: Stack, tmp_path: Pa
 
 
 async def test_single_enqueue_wait_json(
-    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    stack: Stack,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # the broker URL (with its password) from a file, the other way besides the environment
+    monkeypatch.delenv("FORGE_WORKER_AMQP_URL")
+    url_file = tmp_path / "amqp.url"
+    url_file.write_text(stack.settings.amqp_url + "\n")
     code = await asyncio.to_thread(
         cli.main,
         [
             "enqueue",
             "--key",
-            stack.hilt.export(),
+            stack.hilt_key,
             "--proof",
             str(stack.proof_file),
             "--service",
@@ -406,7 +418,7 @@ async def test_single_enqueue_wait_json(
             "--client-id",
             "cli",
             "--amqp-url",
-            stack.settings.amqp_url,
+            f"@{url_file}",
             "--queue",
             stack.settings.queue,
         ],
@@ -442,7 +454,7 @@ async def test_enqueue_without_wait_sends_the_receipt_to_the_receipt_queue(
         [
             "enqueue",
             "--key",
-            stack.hilt.export(),
+            stack.hilt_key,
             "--proof",
             str(stack.proof_file),
             "--service",
@@ -451,8 +463,6 @@ async def test_enqueue_without_wait_sends_the_receipt_to_the_receipt_queue(
             "did:plc:nowait",
             "--product",
             PRODUCT,
-            "--amqp-url",
-            stack.settings.amqp_url,
             "--queue",
             stack.settings.queue,
         ],
@@ -469,17 +479,19 @@ async def test_enqueue_wait_times_out_with_exit_1(
     queue_name: str,
     amqp: aio_pika.abc.AbstractRobustConnection,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An inbox nobody consumes: --wait gives up after every attempt and says so."""
     ch = await amqp.channel()
     await ch.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
     service = Signer.generate()
+    monkeypatch.setattr("sys.stdin", io.StringIO(service.export() + "\n"))  # --key -
     code = await asyncio.to_thread(
         cli.main,
         [
             "enqueue",
             "--key",
-            service.export(),
+            "-",
             "--service",
             service.did,
             "--customer",
@@ -494,8 +506,6 @@ async def test_enqueue_wait_times_out_with_exit_1(
             "2",
             "--client-id",
             "cli",
-            "--amqp-url",
-            amqp_url,
             "--queue",
             queue_name,
         ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,15 @@ HILT = "did:key:z6MkgGyk5NXAGGz8xLfo8VGMGEnVjY5rrCoR4yZydjcE9RRm"
 @pytest.fixture(name="key")
 def _key() -> Signer:
     return Signer.generate()
+
+
+@pytest.fixture(name="key_file")
+def _key_file(key: Signer, tmp_path: Path) -> str:
+    """``key`` in a file, as ``--key`` takes it (never the key's text on the command line)."""
+    path = tmp_path / "key"
+    path.write_text(key.export() + "\n")
+    path.chmod(0o600)
+    return f"@{path}"
 
 
 # --- arguments ---------------------------------------------------------------------------
@@ -86,19 +96,19 @@ def test_parse_details_rejects_malformed(bad: str) -> None:
     ],
 )
 def test_enqueue_usage_errors_exit_2(
-    argv: list[str], key: Signer, capsys: pytest.CaptureFixture[str]
+    argv: list[str], key: Signer, key_file: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = cli.main(["enqueue", "--key", key.export(), "--service", key.did, *argv])
+    code = cli.main(["enqueue", "--key", key_file, "--service", key.did, *argv])
     assert code == cli.EXIT_USAGE
     assert key.export() not in capsys.readouterr().err
 
 
-def test_enqueue_without_a_proof_chain_exits_2(key: Signer) -> None:
+def test_enqueue_without_a_proof_chain_exits_2(key_file: str) -> None:
     code = cli.main(
         [
             "enqueue",
             "--key",
-            key.export(),
+            key_file,
             "--service",
             Signer.generate().did,
             "--customer",
@@ -117,21 +127,21 @@ def _closed_port() -> int:
 
 
 def test_enqueue_unreachable_broker_exits_3(
-    key: Signer, capsys: pytest.CaptureFixture[str]
+    key: Signer, key_file: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    url = f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/"
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", url)
     code = cli.main(
         [
             "enqueue",
             "--key",
-            key.export(),
+            key_file,
             "--service",
             key.did,
             "--customer",
             "did:plc:a",
             "--product",
             "did:web:p",
-            "--amqp-url",
-            f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/",
         ]
     )
     assert code == cli.EXIT_UNREACHABLE
@@ -142,35 +152,85 @@ def test_enqueue_unreachable_broker_exits_3(
 # --- keys --------------------------------------------------------------------------------
 
 
-def test_read_key_forms(tmp_path: Path, key: Signer) -> None:
+def test_read_key_forms(tmp_path: Path, key: Signer, monkeypatch: pytest.MonkeyPatch) -> None:
     plain = tmp_path / "plain.key"
     plain.write_text(key.export() + "\n")
+    multibase = tmp_path / "multibase.key"
+    multibase.write_text("M" + key.export())
     as_json = tmp_path / "key.json"
     as_json.write_text(json.dumps({"did": key.did, "key": key.export()}))
     as_text = tmp_path / "keygen.txt"
     as_text.write_text(f"did: {key.did}\nkey: {key.export()}\n")
-    for value in (
-        key.export(),
-        "M" + key.export(),
-        f"@{plain}",
-        str(plain),
-        f"@{as_json}",
-        str(as_text),
-    ):
+    for value in (f"@{plain}", str(plain), f"@{multibase}", f"@{as_json}", str(as_text)):
         assert read_key(value).did == key.did
+    # "-": standard input, in any of the file forms
+    for text in (key.export() + "\n", json.dumps({"did": key.did, "key": key.export()})):
+        monkeypatch.setattr("sys.stdin", io.StringIO(text))
+        assert read_key("-").did == key.did
+
+
+@pytest.mark.parametrize(
+    "inline",
+    [
+        lambda k: k.export(),
+        lambda k: "M" + k.export(),
+        lambda k: k.export()[:-4] + "AAA=",  # a mistyped key is still key material
+        lambda k: json.dumps({"did": k.did, "key": k.export()}),
+        lambda k: f"key: {k.export()}",
+    ],
+    ids=["base64", "multibase", "mistyped", "keygen-json", "keygen-text"],
+)
+def test_read_key_refuses_the_key_text_without_echoing_it(
+    key: Signer, inline: Callable[[Signer], str]
+) -> None:
+    """CONTRACT §7: ps shows arguments to every user, so a key is taken only from a file or
+    standard input; the refusal names those ways and never repeats the text."""
+    value = inline(key)
+    with pytest.raises(ConfigError) as caught:
+        read_key(value)
+    message = str(caught.value)
+    assert "@FILE" in message and "standard input" in message and "ps" in message
+    assert value not in message and key.export()[8:-8] not in message
 
 
 def test_read_key_errors_never_echo_the_key(tmp_path: Path, key: Signer) -> None:
-    broken = key.export()[:-4] + "!!!!"
+    broken = tmp_path / "broken.key"
+    broken.write_text(key.export()[:-4] + "!!!!")
     with pytest.raises(ConfigError) as caught:
-        read_key(broken)
-    assert broken not in str(caught.value)
+        read_key(str(broken))
+    assert key.export()[:-4] not in str(caught.value)
     with pytest.raises(ConfigError, match="cannot read"):
         read_key(f"@{tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match=r"no such file 'hilt\.json'.*standard input"):
+        read_key("hilt.json")
     bad_json = tmp_path / "k.json"
     bad_json.write_text('{"did": "did:key:z"}')
     with pytest.raises(ConfigError, match='no "key"'):
         read_key(str(bad_json))
+
+
+@pytest.mark.parametrize("command", ["enqueue", "delegate"])
+def test_a_key_on_the_command_line_exits_2(
+    command: str, key: Signer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "never-written"
+    argv = {
+        "enqueue": ["--service", key.did, "--customer", "did:plc:a", "--product", "did:web:p"],
+        "delegate": ["--to", HILT, "--command", "/customer/add", "--out", str(out)],
+    }[command]
+    assert cli.main([command, "--key", key.export(), *argv]) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert "--key: a key's text on the command line is refused" in captured.err
+    assert key.export() not in captured.err + captured.out
+    assert not out.exists()
+
+
+def test_help_says_how_to_give_a_key(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("enqueue", "delegate"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "@FILE" in text and "standard input" in text and "refused" in text
 
 
 # --- bulk files --------------------------------------------------------------------------
@@ -295,11 +355,13 @@ def test_keygen_text(capsys: pytest.CaptureFixture[str]) -> None:
 
 def _delegate(tmp_path: Path, key: Signer, *extra: str) -> Delegation:
     out = tmp_path / "proof.ctn"
+    key_file = tmp_path / "service.key"
+    key_file.write_text(key.export())
     code = cli.main(
         [
             "delegate",
             "--key",
-            key.export(),
+            f"@{key_file}",
             "--to",
             HILT,
             "--command",
@@ -353,12 +415,12 @@ def test_delegate_options(tmp_path: Path, key: Signer, capsys: pytest.CaptureFix
         ["--subject", "nope"],
     ],
 )
-def test_delegate_usage_errors(tmp_path: Path, key: Signer, extra: list[str]) -> None:
+def test_delegate_usage_errors(tmp_path: Path, key_file: str, extra: list[str]) -> None:
     code = cli.main(
         [
             "delegate",
             "--key",
-            key.export(),
+            key_file,
             "--to",
             HILT,
             "--command",
@@ -372,9 +434,9 @@ def test_delegate_usage_errors(tmp_path: Path, key: Signer, extra: list[str]) ->
     assert not (tmp_path / "x").exists()
 
 
-def test_delegate_rejects_a_bad_command(tmp_path: Path, key: Signer) -> None:
+def test_delegate_rejects_a_bad_command(tmp_path: Path, key_file: str) -> None:
     for cmd in ("/Customer/add", "customer/add", "/customer/"):
         code = cli.main(
-            ["delegate", "--key", key.export(), "--to", HILT, "--command", cmd, "--out", "x"]
+            ["delegate", "--key", key_file, "--to", HILT, "--command", cmd, "--out", "x"]
         )
         assert code == cli.EXIT_USAGE
