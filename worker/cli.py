@@ -156,7 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CMD",
         help="e.g. /customer/add",
     )
-    dg.add_argument("--expires-in", type=int, metavar="SECONDS", help="default: never expires")
+    lifetime = dg.add_mutually_exclusive_group()
+    lifetime.add_argument(
+        "--expires-in",
+        type=int,
+        metavar="SECONDS",
+        help="lifetime of the delegation (default 31536000, one year: there is no revocation, "
+        "so an expiry is what bounds a leaked holder key; re-delegate before it passes)",
+    )
+    lifetime.add_argument(
+        "--no-expiry",
+        action="store_true",
+        help="a delegation that never expires (only rotating the service key voids it)",
+    )
     dg.add_argument("--subject", metavar="DID", help="subject (default: the issuer's DID)")
     dg.add_argument("--issuer-did", metavar="DID", help="act as this DID (e.g. did:web)")
     dg.add_argument("--policy", metavar="JSON", help="policy statements as a JSON array (or @PATH)")

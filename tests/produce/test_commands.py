@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def test_delegate_arguments_keep_the_subcommand() -> None:
     assert args.command == "delegate"
     assert args.delegated_command == "/customer/add"
     assert args.expires_in is None and args.policy is None and args.subject is None
+    assert args.no_expiry is False
 
 
 @pytest.mark.parametrize("bad", ["region", "=eu"])
@@ -377,8 +379,12 @@ def _delegate(tmp_path: Path, key: Signer, *extra: str) -> Delegation:
 
 
 def test_delegate_defaults(tmp_path: Path, key: Signer, capsys: pytest.CaptureFixture[str]) -> None:
+    before = int(time.time())
     d = _delegate(tmp_path, key)
-    assert (d.iss, d.aud, d.sub, d.cmd, d.exp) == (key.did, HILT, key.did, "/customer/add", None)
+    assert (d.iss, d.aud, d.sub, d.cmd) == (key.did, HILT, key.did, "/customer/add")
+    # not forever: a year, unless asked otherwise
+    year = 365 * 24 * 3600
+    assert d.exp is not None and before + year <= d.exp <= int(time.time()) + year
     assert d.pol.wire == []
     assert (tmp_path / "proof.ctn").read_bytes()[0] == 0xA1  # raw container, no header byte
     assert key.export() not in capsys.readouterr().out
@@ -404,6 +410,17 @@ def test_delegate_options(tmp_path: Path, key: Signer, capsys: pytest.CaptureFix
     assert d.pol.wire == policy
     assert str(d.cid) == doc["cid"]
     assert (tmp_path / "proof.ctn").read_bytes()[:1] == b"B"
+
+
+def test_delegate_no_expiry_is_explicit(
+    tmp_path: Path, key: Signer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = _delegate(tmp_path, key, "--no-expiry", "--json")
+    assert d.exp is None and json.loads(capsys.readouterr().out)["exp"] is None
+    with pytest.raises(SystemExit):  # one or the other
+        base = ["delegate", "--key", "k", "--to", HILT, "--command", "/c", "--out", "f"]
+        cli.build_parser().parse_args([*base, "--no-expiry", "--expires-in", "60"])
+    assert "not allowed with" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

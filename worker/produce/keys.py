@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Final
 
 from worker.config import Settings
 from worker.errors import EXIT_OK, ConfigError
@@ -17,6 +18,12 @@ from worker.ucan import (
     encode_container,
     encode_delegation,
 )
+
+#: seconds a delegation lives unless ``--expires-in`` or ``--no-expiry`` says otherwise: a
+#: year. There is no revocation (SECURITY.md), so ``exp`` is the only bound on what a leaked
+#: holder key (Hilt's) can do with its chain; a year is short enough to bound that and long
+#: enough that re-delegating is a yearly routine rather than a frequent outage risk.
+DEFAULT_DELEGATION_LIFETIME: Final = 365 * 24 * 3600
 
 
 def keygen_main(args: argparse.Namespace, settings: Settings) -> int:
@@ -41,8 +48,12 @@ def delegate_main(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if args.expires_in is not None and args.expires_in <= 0:
-        raise ConfigError(f"--expires-in: expected a positive number, got {args.expires_in}")
-    exp = None if args.expires_in is None else int(time.time()) + args.expires_in
+        raise ConfigError(
+            f"--expires-in: expected a positive number, got {args.expires_in} "
+            "(--no-expiry for a delegation that never expires)"
+        )
+    lifetime = DEFAULT_DELEGATION_LIFETIME if args.expires_in is None else args.expires_in
+    exp = None if args.no_expiry else int(time.time()) + lifetime
     token = encode_delegation(
         signer,
         aud=audience,
