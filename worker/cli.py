@@ -138,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="replay at most this many messages a second (default 100)",
             )
         if name == "purge":
-            d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+            d.add_argument(
+                "--yes",
+                action="store_true",
+                help="do not ask for confirmation (also needed with --all; required without "
+                "a terminal)",
+            )
 
     kg = sub.add_parser("keygen", help="a new Ed25519 key and its DID")
     kg.add_argument("--json", action="store_true", help="print one JSON document")

@@ -4,6 +4,7 @@ and the depth poller."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import sys
@@ -505,6 +506,36 @@ async def test_purge_filters_confirmation_and_audit(amqp, populated, settings, d
     assert len(result.selected) == 2 and result.done == 0
     assert await depth(amqp, dlq) == 2
 
+    assert await run_cli("dlq", "purge", "--all", "--yes", *flags(settings)) == 0
+    assert await depth(amqp, dlq) == 0
+    assert await db.fetchval("SELECT count(*) FROM forge_worker.audit") == 3
+
+
+class _Terminal(io.StringIO):
+    """Standard input as a terminal where the operator types ``answer``."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_purge_all_asks_first_and_needs_yes_without_a_terminal(
+    amqp, populated, settings, db, capsys, monkeypatch
+) -> None:
+    """CONTRACT §7: --all is no answer to the question; only --yes is."""
+    dlq = topology.dead_letter_name(settings.queue)
+    # no terminal (pytest's stdin) and no --yes: refused, nothing touched
+    assert await run_cli("dlq", "purge", "--all", *flags(settings)) == 2
+    assert "--yes" in capsys.readouterr().err
+    assert await depth(amqp, dlq) == 3
+    # on a terminal the operator is shown them and asked; "n" keeps them all
+    monkeypatch.setattr("sys.stdin", _Terminal("n\n"))
+    assert await run_cli("dlq", "purge", "--all", *flags(settings)) == 1
+    err = capsys.readouterr().err
+    assert "delete these 3 dead letters" in err and "m-a" in err
+    assert await depth(amqp, dlq) == 3
+    assert await db.fetchval("SELECT count(*) FROM forge_worker.audit") == 0
+    # "y" deletes them
+    monkeypatch.setattr("sys.stdin", _Terminal("y\n"))
     assert await run_cli("dlq", "purge", "--all", *flags(settings)) == 0
     assert await depth(amqp, dlq) == 0
     assert await db.fetchval("SELECT count(*) FROM forge_worker.audit") == 3
