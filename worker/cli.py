@@ -32,6 +32,7 @@ HANDLERS: Final = {
     "status": "worker.operate.status:status_main",
     "dlq": "worker.operate.dlq:dlq_main",
     "keygen": "worker.produce.keys:keygen_main",
+    "did": "worker.produce.keys:did_main",
     "delegate": "worker.produce.keys:delegate_main",
     "enqueue": "worker.produce.enqueue:enqueue_main",
 }
@@ -147,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     kg = sub.add_parser("keygen", help="a new Ed25519 key and its DID")
     kg.add_argument("--json", action="store_true", help="print one JSON document")
+
+    di = sub.add_parser(
+        "did",
+        help="the DID a key signs as (default: the service's): what producers pass as --service",
+    )
+    di.add_argument(
+        "--key",
+        metavar="KEY",
+        help="this key instead of the service's: " + _KEY_HELP,
+    )
+    di.add_argument("--json", action="store_true", help='print {"did": ..., "key_did": ...}')
+    _setting_flags(di, ("service_key_file", "service_did"))
 
     dg = sub.add_parser("delegate", help="sign a delegation with the service key")
     dg.add_argument(

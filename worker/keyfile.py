@@ -75,6 +75,30 @@ def _read_key_file(settings: Settings, path: Path) -> ServiceKey:
     return ServiceKey(_parse(text, f"{var} ({path})"), source, path)
 
 
+def find_service_key(settings: Settings) -> ServiceKey:
+    """The service signer ``run`` would use, acting as ``settings.service_did`` if given,
+    without creating a development key and without logging (for ``forge-worker did``).
+
+    Raises:
+        ConfigError: no key is configured and no development key exists yet, or a key is
+            malformed or its file unreadable.
+    """
+    if settings.service_key is not None:
+        key = ServiceKey(_parse(settings.service_key, "FORGE_WORKER_SERVICE_KEY"), "inline")
+    else:
+        path = settings.key_path()
+        if settings.service_key_file is None and not path.exists():
+            raise ConfigError(
+                "no service key: neither FORGE_WORKER_SERVICE_KEY nor "
+                f"FORGE_WORKER_SERVICE_KEY_FILE is set and {str(path)!r} does not exist "
+                "(forge-worker run creates a development key there on its first start)"
+            )
+        key = _read_key_file(settings, path)
+    if settings.service_did is not None:
+        key = ServiceKey(key.signer.with_did(settings.service_did), key.source, key.path)
+    return key
+
+
 def load_service_key(settings: Settings, log: FilteringBoundLogger) -> ServiceKey:
     """The service signer from the settings, acting as ``settings.service_did`` if given.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import socket
@@ -457,3 +458,103 @@ def test_delegate_rejects_a_bad_command(tmp_path: Path, key_file: str) -> None:
             ["delegate", "--key", key_file, "--to", HILT, "--command", cmd, "--out", "x"]
         )
         assert code == cli.EXIT_USAGE
+
+
+# --- did ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(name="no_service_env")
+def _no_service_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No service key configured, in a scratch directory (where .forge-worker/ would be)."""
+    for var in (
+        "FORGE_WORKER_SERVICE_KEY",
+        "FORGE_WORKER_SERVICE_KEY_FILE",
+        "FORGE_WORKER_SERVICE_DID",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_did_of_the_service_key_from_the_environment(
+    no_service_env: Path,
+    key: Signer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FORGE_WORKER_SERVICE_KEY", key.export())
+    assert cli.main(["did"]) == cli.EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out == key.did + "\n"  # the DID alone: SERVICE=$(forge-worker did)
+    assert cli.main(["did", "--json"]) == cli.EXIT_OK
+    assert json.loads(capsys.readouterr().out) == {"did": key.did, "key_did": key.did}
+    assert key.export() not in captured.out + captured.err
+
+
+def test_did_honours_the_service_did_of_a_key_file(
+    no_service_env: Path,
+    key: Signer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = no_service_env / "service.key"
+    path.write_text(key.export() + "\n")
+    monkeypatch.setenv("FORGE_WORKER_SERVICE_KEY_FILE", str(path))
+    monkeypatch.setenv("FORGE_WORKER_SERVICE_DID", "did:web:upload.example")
+    assert cli.main(["did", "--json"]) == cli.EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == {"did": "did:web:upload.example", "key_did": key.did}
+    assert cli.main(["did"]) == cli.EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out == "did:web:upload.example\n"
+    assert key.did in captured.err and "--service-key-did" in captured.err
+    assert key.export() not in captured.out + captured.err
+
+
+def test_did_of_the_development_key_says_so_and_creates_none(
+    no_service_env: Path, key: Signer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # none yet: a usage error, and no key is made
+    assert cli.main(["did"]) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no service key" in captured.err
+    assert ".forge-worker/service.key" in captured.err
+    assert not (no_service_env / ".forge-worker").exists()
+    # the one `run` made: its DID, and a note that it is a development identity
+    (no_service_env / ".forge-worker").mkdir()
+    (no_service_env / ".forge-worker" / "service.key").write_text(key.export() + "\n")
+    assert cli.main(["did"]) == cli.EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out == key.did + "\n" and "development key" in captured.err
+
+
+def test_did_of_a_given_key(
+    no_service_env: Path,
+    key: Signer,
+    key_file: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FORGE_WORKER_SERVICE_DID", "did:web:upload.example")  # not this key's
+    keygen_json = no_service_env / "hilt.json"
+    keygen_json.write_text(json.dumps({"did": key.did, "key": key.export()}))
+    for value in (key_file, str(keygen_json)):
+        assert cli.main(["did", "--key", value, "--json"]) == cli.EXIT_OK
+        assert json.loads(capsys.readouterr().out) == {"did": key.did, "key_did": key.did}
+    monkeypatch.setattr("sys.stdin", io.StringIO(key.export()))
+    assert cli.main(["did", "--key", "-"]) == cli.EXIT_OK
+    assert capsys.readouterr().out == key.did + "\n"
+    assert cli.main(["did", "--key", key.export()]) == cli.EXIT_USAGE
+    assert key.export() not in capsys.readouterr().err
+
+
+def test_did_of_ucantones_service_key(
+    no_service_env: Path, vectors: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Go vectors' service key (raw 0x80 0x26 + seed) signs as the did:key ucantone
+    computed for it."""
+    raw = (vectors / "ucantone-go" / "ed25519.service.private.bin").read_bytes()
+    path = no_service_env / "service.key"
+    path.write_text(base64.b64encode(raw).decode())
+    assert cli.main(["did", "--service-key-file", str(path)]) == cli.EXIT_OK
+    assert capsys.readouterr().out == "did:key:z6MkoGmQXc2j7GuHEYrL9NwWLGFDM58iXXwRRKMjhY4Mc1Sb\n"
