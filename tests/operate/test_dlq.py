@@ -573,6 +573,12 @@ async def test_status_reports_real_depths(amqp, channel, settings, capsys) -> No
     assert 500 <= rows[dlq]["oldest_age_seconds"] < 560
     assert rows[settings.receipt_queue]["consumers"] == 1
     assert len(rows) == 3 + len(settings.retry_delays)
+    # nobody consumes the inbox: that comes first, and the dead letters are named too
+    assert doc["verdict"]["state"] == "no-consumer"
+    assert doc["verdict"]["message"] == (
+        "no consumer on the inbox (2 requests waiting): start forge-worker run; "
+        f"3 dead letters waiting: forge-worker dlq list --queue {settings.queue}"
+    )
     # reading them put them all back, in their order
     assert [d.id for d in await deadletters.read_dead_letters(amqp, dlq)] == ["s-1", "s-2", "s-3"]
 
@@ -580,6 +586,7 @@ async def test_status_reports_real_depths(amqp, channel, settings, capsys) -> No
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["QUEUE", "ROLE", "READY", "CONSUMERS", "OLDEST"]
     assert table[1].split()[:4] == [settings.queue, "inbox", "2", "0"]
+    assert table[-1] == doc["verdict"]["message"] and table[-2] == ""
     await consumer_ch.close()
 
 
@@ -596,6 +603,10 @@ async def test_status_marks_missing_queues(amqp_url, queue_name, capsys) -> None
     assert await run_cli(*args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert all(q["exists"] is False and q["ready"] is None for q in doc["queues"])
+    assert doc["verdict"]["state"] == "missing"
+    assert doc["verdict"]["message"].startswith(
+        f"missing: {queue_name} and {queue_name}.dlq not found"
+    )
 
 
 async def test_status_without_broker_exits_3_with_one_line(capsys, monkeypatch) -> None:
