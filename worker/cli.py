@@ -62,6 +62,14 @@ _KEY_HELP: Final = (
     "standard input; the key's text itself is refused, since ps shows arguments to every user"
 )
 
+#: ``--out FILE`` of every producer command that publishes one request (enqueue, provision):
+#: its work is worker.produce.offline
+_OUT_HELP: Final = (
+    "write the signed request body (exactly the bytes that would be published) to FILE "
+    "instead of publishing it; no broker is needed. It expires --expires-in seconds after "
+    "signing: give one that covers the wait until it is published"
+)
+
 _BROKER: Final = ("amqp_url", "database_url", "queue", "receipt_queue", "log_format")
 
 
@@ -259,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --wait: save the verified receipt token here (see inspect FILE)",
     )
+    eq.add_argument("--out", metavar="FILE", help=_OUT_HELP)
     eq.add_argument("--json", action="store_true", help="print one JSON document")
     _setting_flags(eq, ("amqp_url", "queue", "log_format"))
     return p

@@ -14,6 +14,7 @@ import aio_pika
 import asyncpg
 import pytest
 
+from tests.support.worker import Requester, delegation
 from worker import cli
 from worker.client import (
     Client,
@@ -27,7 +28,7 @@ from worker.client import (
     reply_queue_name,
 )
 from worker.config import Secret, Settings
-from worker.service.app import running
+from worker.service.app import App, running
 from worker.ucan import (
     CID,
     Delegation,
@@ -520,3 +521,32 @@ async def test_enqueue_wait_times_out_with_exit_1(
     assert first.body == second.body and first.correlation_id == doc["invocation"]
     await ch.queue_delete(reply_queue_name(queue_name, "cli"))
     await ch.close()
+
+
+async def test_enqueue_out_bytes_published_later_get_an_ok_receipt(
+    worker: App,
+    requester: Requester,
+    service: Signer,
+    agent: Signer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """enqueue --out writes the request instead of publishing it; those bytes, published
+    later to a running worker's inbox, are answered with an ok receipt for the task."""
+    proof = tmp_path / "proof.ctn"
+    proof.write_bytes(encode_container([delegation(service, agent)]))
+    key = tmp_path / "agent.key"
+    key.write_text(agent.export())
+    out = tmp_path / "request.cbor"
+    argv = ["enqueue", "--key", f"@{key}", "--proof", str(proof), "--service", service.did]
+    argv += ["--customer", "did:plc:published-later", "--product", PRODUCT]
+    argv += ["--queue", worker.settings.queue, "--out", str(out), "--json"]
+    assert await asyncio.to_thread(cli.main, argv) == cli.EXIT_OK
+    [doc] = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if '"out"' in ln]
+    assert worker.consumer is not None and worker.consumer.outcomes["ok"] == 0  # not sent
+
+    _, [receipt] = await requester.call(out.read_bytes())
+    assert receipt.ok == {} and receipt.error is None
+    assert str(receipt.ran) == doc["task"] and receipt.iss == service.did
+    row = await _customer(worker.settings.database_url, "did:plc:published-later")
+    assert row is not None and row["product"] == PRODUCT

@@ -558,3 +558,62 @@ def test_did_of_ucantones_service_key(
     path.write_text(base64.b64encode(raw).decode())
     assert cli.main(["did", "--service-key-file", str(path)]) == cli.EXIT_OK
     assert capsys.readouterr().out == "did:key:z6MkoGmQXc2j7GuHEYrL9NwWLGFDM58iXXwRRKMjhY4Mc1Sb\n"
+
+
+# --- enqueue --out -----------------------------------------------------------------------
+
+
+def test_enqueue_out_writes_the_signed_body_without_a_broker(
+    tmp_path: Path,
+    key: Signer,
+    key_file: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Nothing listens on the broker's port: --out needs none. The file is the raw container
+    (invocation and proof) that enqueue would publish, and inspect finds it valid."""
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", f"amqp://guest:pw@127.0.0.1:{_closed_port()}/")
+    service = Signer.generate()
+    proof = tmp_path / "proof.ctn"
+    service_key = tmp_path / "service.key"
+    service_key.write_text(service.export())
+    delegate = ["delegate", "--key", f"@{service_key}", "--to", key.did]
+    assert cli.main([*delegate, "--command", "/customer/add", "--out", str(proof)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "request.cbor"
+    argv = ["enqueue", "--key", key_file, "--proof", str(proof), "--service", service.did]
+    argv += ["--customer", "did:plc:offline", "--product", "did:web:p", "--detail", "region=eu"]
+    assert cli.main([*argv, "--expires-in", "3600", "--out", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    body = out.read_bytes()
+    assert doc["out"] == str(out) and doc["bytes"] == len(body)
+    assert doc["customer"] == "did:plc:offline" and doc["ok"] is None and doc["error"] is None
+    assert body[0] == 0xA1  # raw {"ctn-v1": [...]}, no header byte: what is published
+    request = decode_request(body)
+    [inv] = request.invocations
+    assert str(inv.cid) == doc["invocation"] and str(inv.task_cid) == doc["task"]
+    assert (inv.iss, inv.aud, inv.sub) == (key.did, service.did, service.did)
+    assert inv.exp is not None and inv.exp > time.time() + 3500
+    assert list(request.delegations) == list(inv.prf)
+    # inspect agrees it is valid for this service
+    assert cli.main(["inspect", str(out), "--service-did", service.did, "--json"]) == 0
+    [checked] = json.loads(capsys.readouterr().out)["invocations"]
+    assert checked["valid"] is True and checked["task"] == doc["task"]
+    # the text form says where it went
+    assert cli.main([*argv, "--out", str(tmp_path / "again.cbor")]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"wrote {tmp_path / 'again.cbor'}") and "publish its bytes" in line
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--wait"], ["--wait", "--receipt", "r.bin"], ["--from", "regs.ndjson"]],
+)
+def test_enqueue_out_refuses_what_needs_the_broker(
+    extra: list[str], key: Signer, key_file: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "request.cbor"
+    regs = ["--customer", "did:plc:a", "--product", "did:web:p"] if "--from" not in extra else []
+    argv = ["enqueue", "--key", key_file, "--service", key.did, *regs]
+    assert cli.main([*argv, *extra, "--out", str(out)]) == cli.EXIT_USAGE
+    assert not out.exists()
