@@ -29,11 +29,13 @@ from worker.client import (
 )
 from worker.config import Secret, Settings
 from worker.service.app import App, running
+from worker.service.broker import queue_declarations
 from worker.ucan import (
     CID,
     Delegation,
     Receipt,
     Signer,
+    build_receipt,
     customer_add_args,
     decode_request,
     decode_token,
@@ -249,7 +251,8 @@ async def test_timeout_then_resend_gets_the_receipt(
 async def test_garbage_reply_is_an_invalid_receipt(
     amqp_url: str, queue_name: str, amqp: aio_pika.abc.AbstractRobustConnection
 ) -> None:
-    """A response that is not a receipt for the task raises InvalidReceipt."""
+    """A response that is not a receipt for the task does not end the wait; when nothing
+    better comes, the timeout raises InvalidReceipt naming it, not Timeout."""
     ch = await amqp.channel()
     inbox = await ch.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
 
@@ -264,8 +267,8 @@ async def test_garbage_reply_is_an_invalid_receipt(
     await inbox.consume(answer)
     hilt = Signer.generate()
     async with Client(amqp_url, signer=hilt, service_did=hilt.did, queue=queue_name) as client:
-        with pytest.raises(InvalidReceipt, match="cannot find a receipt"):
-            await client.add_customer("did:plc:x", PRODUCT, timeout=10)
+        with pytest.raises(InvalidReceipt, match=r"1 response.*cannot find a receipt"):
+            await client.add_customer("did:plc:x", PRODUCT, timeout=1)
         await client.delete_reply_queue()
     await ch.close()
 
@@ -550,3 +553,110 @@ async def test_enqueue_out_bytes_published_later_get_an_ok_receipt(
     assert str(receipt.ran) == doc["task"] and receipt.iss == service.did
     row = await _customer(worker.settings.database_url, "did:plc:published-later")
     assert row is not None and row["product"] == PRODUCT
+
+
+async def _declare_worker_queues(
+    amqp: aio_pika.abc.AbstractRobustConnection, settings: Settings
+) -> None:
+    """The worker's queues as it declares them, so a publish is routable before it runs."""
+    ch = await amqp.channel()
+    for name, arguments in queue_declarations(settings):
+        await ch.declare_queue(name, durable=True, arguments=arguments)
+    await ch.close()
+
+
+async def _forge_response(
+    amqp: aio_pika.abc.AbstractRobustConnection,
+    client: Client,
+    request: SignedRequest,
+    service_did: str,
+) -> None:
+    """What anyone who can publish to the client's reply queue can send: a response with the
+    request's public correlation id and an ok receipt for its task that claims to come from
+    the service but is signed by another key."""
+    forger = Signer.generate().with_did(service_did)
+    receipt = build_receipt(forger, ran=request.task, iat=int(time.time()))
+    ch = await amqp.channel()
+    await ch.default_exchange.publish(
+        aio_pika.Message(encode_container([receipt]), correlation_id=str(request.cid)),
+        routing_key=client.reply_queue,
+    )
+    await ch.close()
+
+
+async def _until_rejected(client: Client, request: SignedRequest, n: int) -> None:
+    """Until the client has seen (and set aside) ``n`` responses that do not verify."""
+    for _ in range(500):
+        waiter = client._waiters.get(str(request.cid))
+        if waiter is not None and waiter.invalid >= n:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("the client never saw the forged response")
+
+
+async def test_a_forged_response_does_not_end_the_wait(
+    worker_settings: Settings, service: Signer, amqp: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    """A forged response with the right correlation id arrives before the worker's real one:
+    the client keeps waiting and returns the real, verified receipt."""
+    await _declare_worker_queues(amqp, worker_settings)
+    async with Client(
+        worker_settings.amqp_url,
+        signer=service,
+        service_did=service.did,
+        queue=worker_settings.queue,
+        timeout=20,
+    ) as client:
+        request = client.build(CustomerAdd("did:plc:forged-first", PRODUCT))
+        call = asyncio.create_task(client.call(request))
+        await _until_published(amqp, worker_settings.queue)
+        await _forge_response(amqp, client, request, service.did)
+        await _until_rejected(client, request, 1)
+        assert not call.done()  # the forgery did not end it
+        async with running(worker_settings):
+            outcome = await call
+        await client.delete_reply_queue()
+    assert outcome.ok == {} and outcome.task == request.task
+    assert outcome.receipt.iss == service.did
+    row = await _customer(worker_settings.database_url, "did:plc:forged-first")
+    assert row is not None
+
+
+async def test_only_forged_responses_raise_invalid_receipt_naming_them(
+    worker_settings: Settings, service: Signer, amqp: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    """No worker answers; a forged response comes: at the timeout the client reports
+    InvalidReceipt with what it saw, not Timeout."""
+    await _declare_worker_queues(amqp, worker_settings)
+    async with Client(
+        worker_settings.amqp_url,
+        signer=service,
+        service_did=service.did,
+        queue=worker_settings.queue,
+    ) as client:
+        request = client.build(CustomerAdd("did:plc:forged-only", PRODUCT))
+        call = asyncio.create_task(client.call(request, timeout=3, attempts=1))
+        await _until_published(amqp, worker_settings.queue)
+        await _forge_response(amqp, client, request, service.did)
+        with pytest.raises(InvalidReceipt) as caught:
+            await call
+        await client.delete_reply_queue()
+    message = str(caught.value)
+    assert caught.value.name == "InvalidReceipt"
+    assert "1 response(s) with its correlation id did not verify" in message
+    assert "InvalidSignature" in message and str(request.task) in message
+
+
+async def _until_published(amqp: aio_pika.abc.AbstractRobustConnection, queue: str) -> None:
+    """Until the inbox holds the request (the client has published it)."""
+    ch = await amqp.channel()
+    try:
+        underlay = await ch.get_underlay_channel()
+        for _ in range(500):
+            declared = await underlay.queue_declare(queue, passive=True)
+            if (declared.message_count or 0) >= 1:
+                return
+            await asyncio.sleep(0.02)
+        pytest.fail(f"nothing was published to {queue!r}")
+    finally:
+        await ch.close()
