@@ -188,7 +188,7 @@ def _key_source(value: str, flag: str) -> tuple[str, str]:
     except (OSError, ValueError):  # a name too long for a path, a NUL byte
         is_file = False
     if not is_file:
-        if _looks_like_a_key(value):
+        if _looks_like_a_key(str(path)):  # "@" + a key's text too
             raise ConfigError(f"{flag}: {KEY_ON_COMMAND_LINE}")
         if explicit:
             raise ConfigError(f"{flag}: cannot read {str(path)!r}: not a file")

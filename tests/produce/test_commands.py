@@ -180,8 +180,9 @@ def test_read_key_forms(tmp_path: Path, key: Signer, monkeypatch: pytest.MonkeyP
         lambda k: k.export()[:-4] + "AAA=",  # a mistyped key is still key material
         lambda k: json.dumps({"did": k.did, "key": k.export()}),
         lambda k: f"key: {k.export()}",
+        lambda k: "@" + k.export(),
     ],
-    ids=["base64", "multibase", "mistyped", "keygen-json", "keygen-text"],
+    ids=["base64", "multibase", "mistyped", "keygen-json", "keygen-text", "at-key"],
 )
 def test_read_key_refuses_the_key_text_without_echoing_it(
     key: Signer, inline: Callable[[Signer], str]
