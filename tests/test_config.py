@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from worker import config
@@ -55,3 +57,55 @@ def test_key_never_shown() -> None:
 def test_key_and_key_file_are_exclusive() -> None:
     with pytest.raises(ConfigError, match="SERVICE_KEY"):
         config.load({"FORGE_WORKER_SERVICE_KEY": "k", "FORGE_WORKER_SERVICE_KEY_FILE": "/x"})
+
+
+# --- secrets in flags (CONTRACT §7: ps shows every process's arguments) -------------------
+
+
+def test_a_service_key_flag_is_refused_and_names_the_ways() -> None:
+    secret = "gCa9UfZv+yI5/rvUIt21DaGI7EZJlzFO1uDc5AyJ30c6/w=="
+    with pytest.raises(ConfigError) as info:
+        config.load({}, {"service_key": secret})
+    message = str(info.value)
+    assert message.startswith("--service-key:") and secret not in message
+    assert "FORGE_WORKER_SERVICE_KEY" in message and "--service-key-file" in message
+    # the environment variable and the file stay the ways to give it
+    assert config.load({"FORGE_WORKER_SERVICE_KEY": secret}).service_key == secret
+    assert config.load({}, {"service_key_file": "/k"}).service_key_file is not None
+
+
+@pytest.mark.parametrize(
+    ("attr", "url", "var"),
+    [
+        ("amqp_url", "amqp://hilt:s3cret-pw@broker:5672/", "FORGE_WORKER_AMQP_URL"),
+        ("database_url", "postgresql://forge:s3cret-pw@db/upload", "FORGE_WORKER_DATABASE_URL"),
+        ("amqp_url", "amqp://a@n1/,amqp://hilt:s3cret-pw@n2/", "FORGE_WORKER_AMQP_URL"),
+    ],
+)
+def test_a_password_in_a_url_flag_is_refused(attr: str, url: str, var: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load({}, {attr: url})
+    message = str(info.value)
+    flag = "--" + attr.replace("_", "-")
+    assert message.startswith(flag + ":") and "s3cret-pw" not in message
+    assert var in message and "@FILE" in message
+    # in the environment it is fine
+    assert getattr(config.load({var: url} if "," not in url else {}), attr)
+
+
+def test_a_url_flag_without_a_password_or_from_a_file_is_taken(tmp_path: Path) -> None:
+    assert config.load({}, {"amqp_url": "amqp://guest@h/"}).amqp_url == "amqp://guest@h/"
+    assert config.load({}, {"amqp_url": "amqp://guest:@h/"}).amqp_url == "amqp://guest:@h/"
+    path = tmp_path / "amqp.url"
+    path.write_text("amqp://hilt:s3cret-pw@broker:5672/\n")
+    s = config.load({}, {"amqp_url": f"@{path}", "database_url": None})
+    assert s.amqp_url == "amqp://hilt:s3cret-pw@broker:5672/"
+    with pytest.raises(ConfigError, match="--database-url: cannot read"):
+        config.load({}, {"database_url": f"@{tmp_path / 'missing'}"})
+
+
+def test_setting_help_says_where_secrets_go() -> None:
+    helps = {attr: text for attr, _, text in config.setting_fields()}
+    assert "refused as a flag" in helps["service_key"]
+    assert "no password in the flag" in helps["amqp_url"] and "@FILE" in helps["amqp_url"]
+    assert "no password in the flag" in helps["database_url"]

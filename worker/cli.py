@@ -32,6 +32,7 @@ HANDLERS: Final = {
     "status": "worker.operate.status:status_main",
     "dlq": "worker.operate.dlq:dlq_main",
     "keygen": "worker.produce.keys:keygen_main",
+    "did": "worker.produce.keys:did_main",
     "delegate": "worker.produce.keys:delegate_main",
     "enqueue": "worker.produce.enqueue:enqueue_main",
 }
@@ -54,6 +55,20 @@ def _setting_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None 
             help=f"{help_text} [{var}]",
         )
 
+
+#: how every ``--key`` takes a key (CONTRACT §7): never its text, which ps would show
+_KEY_HELP: Final = (
+    "a file holding it (@FILE or a path; keygen's output works) or - to read it from "
+    "standard input; the key's text itself is refused, since ps shows arguments to every user"
+)
+
+#: ``--out FILE`` of every producer command that publishes one request (enqueue, provision):
+#: its work is worker.produce.offline
+_OUT_HELP: Final = (
+    "write the signed request body (exactly the bytes that would be published) to FILE "
+    "instead of publishing it; no broker is needed. It expires --expires-in seconds after "
+    "signing: give one that covers the wait until it is published"
+)
 
 _BROKER: Final = ("amqp_url", "database_url", "queue", "receipt_queue", "log_format")
 
@@ -132,17 +147,31 @@ def build_parser() -> argparse.ArgumentParser:
                 help="replay at most this many messages a second (default 100)",
             )
         if name == "purge":
-            d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+            d.add_argument(
+                "--yes",
+                action="store_true",
+                help="do not ask for confirmation (also needed with --all; required without "
+                "a terminal)",
+            )
 
     kg = sub.add_parser("keygen", help="a new Ed25519 key and its DID")
     kg.add_argument("--json", action="store_true", help="print one JSON document")
 
+    di = sub.add_parser(
+        "did",
+        help="the DID a key signs as (default: the service's): what producers pass as --service",
+    )
+    di.add_argument(
+        "--key",
+        metavar="KEY",
+        help="this key instead of the service's: " + _KEY_HELP,
+    )
+    di.add_argument("--json", action="store_true", help='print {"did": ..., "key_did": ...}')
+    _setting_flags(di, ("service_key_file", "service_did"))
+
     dg = sub.add_parser("delegate", help="sign a delegation with the service key")
     dg.add_argument(
-        "--key",
-        required=True,
-        metavar="KEY",
-        help="the issuer's key (the service): @PATH, a file, or the key itself",
+        "--key", required=True, metavar="KEY", help="the issuer's key (the service): " + _KEY_HELP
     )
     dg.add_argument("--to", required=True, metavar="DID", help="audience of the delegation")
     # dest: "command" is the subcommand's own name
@@ -153,7 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CMD",
         help="e.g. /customer/add",
     )
-    dg.add_argument("--expires-in", type=int, metavar="SECONDS", help="default: never expires")
+    lifetime = dg.add_mutually_exclusive_group()
+    lifetime.add_argument(
+        "--expires-in",
+        type=int,
+        metavar="SECONDS",
+        help="lifetime of the delegation (default 31536000, one year: there is no revocation, "
+        "so an expiry is what bounds a leaked holder key; re-delegate before it passes)",
+    )
+    lifetime.add_argument(
+        "--no-expiry",
+        action="store_true",
+        help="a delegation that never expires (only rotating the service key voids it)",
+    )
     dg.add_argument("--subject", metavar="DID", help="subject (default: the issuer's DID)")
     dg.add_argument("--issuer-did", metavar="DID", help="act as this DID (e.g. did:web)")
     dg.add_argument("--policy", metavar="JSON", help="policy statements as a JSON array (or @PATH)")
@@ -166,9 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--json", action="store_true", help="print one JSON document")
 
     eq = sub.add_parser("enqueue", help="publish /customer/add and optionally await its receipt")
-    eq.add_argument(
-        "--key", required=True, metavar="KEY", help="the producer's key: @PATH, a file, or the key"
-    )
+    eq.add_argument("--key", required=True, metavar="KEY", help="the producer's key: " + _KEY_HELP)
     eq.add_argument("--issuer-did", metavar="DID", help="sign as this DID (e.g. did:web)")
     eq.add_argument("--proof", metavar="FILE", help="container with the delegation chain")
     eq.add_argument("--service", required=True, metavar="DID", help="the worker's service DID")
@@ -228,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --wait: save the verified receipt token here (see inspect FILE)",
     )
+    eq.add_argument("--out", metavar="FILE", help=_OUT_HELP)
     eq.add_argument("--json", action="store_true", help="print one JSON document")
     _setting_flags(eq, ("amqp_url", "queue", "log_format"))
     return p

@@ -107,8 +107,16 @@ def _default_log_format() -> str:
     return "console" if sys.stderr.isatty() else "json"
 
 
-def _opt(env: str, parse: Callable[[str], Any], help: str, **kw: Any) -> Any:
-    return field(metadata={"env": env, "parse": parse, "help": help}, **kw)
+#: ``flag`` rules of a setting given as a command-line flag, where ``ps`` shows it to every
+#: user: ``url`` refuses a password inside the URL and reads ``@FILE``; ``never`` refuses it
+FLAG_URL: Final = "url"
+FLAG_NEVER: Final = "never"
+
+
+def _opt(
+    env: str, parse: Callable[[str], Any], help: str, *, flag: str | None = None, **kw: Any
+) -> Any:
+    return field(metadata={"env": env, "parse": parse, "help": help, "flag": flag}, **kw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,18 +127,21 @@ class Settings:
         "AMQP_URL",
         _url(("amqp", "amqps")),
         "broker URL",
+        flag=FLAG_URL,
         default="amqp://guest:guest@127.0.0.1:5672/",
     )
     database_url: str = _opt(
         "DATABASE_URL",
         _url(("postgresql", "postgres")),
         "upload service database",
+        flag=FLAG_URL,
         default="postgresql://postgres@127.0.0.1:5432/postgres",
     )
     service_key: Secret | None = _opt(
         "SERVICE_KEY",
         _secret,
         "service Ed25519 private key (ucantone format)",
+        flag=FLAG_NEVER,
         default=None,
         repr=False,
     )
@@ -217,8 +228,70 @@ class Settings:
 
 
 def setting_fields() -> list[tuple[str, str, str]]:
-    """(attribute, environment variable, help) of every setting, in declaration order."""
-    return [(f.name, PREFIX + f.metadata["env"], f.metadata["help"]) for f in fields(Settings)]
+    """(attribute, environment variable, help) of every setting, in declaration order; the
+    help of a setting a flag must not carry as text says so."""
+    out = []
+    for f in fields(Settings):
+        var = PREFIX + f.metadata["env"]
+        text = f.metadata["help"]
+        if f.metadata["flag"] == FLAG_NEVER:
+            text += f"; refused as a flag (ps shows it): set {var} or use --service-key-file"
+        elif f.metadata["flag"] == FLAG_URL:
+            text += (
+                "; no password in the flag (ps shows it): put it in the environment variable, "
+                "or give @FILE to read the URL from a file"
+            )
+        out.append((f.name, var, text))
+    return out
+
+
+def _flag_name(attr: str) -> str:
+    return "--" + attr.replace("_", "-")
+
+
+def _has_password(raw: str) -> bool:
+    """Whether a URL (or a comma-separated list of them) carries a non-empty password."""
+    for part in raw.split(","):
+        try:
+            if urlsplit(part.strip()).password:
+                return True
+        except ValueError:  # e.g. a bad port: the parser says what is wrong
+            continue
+    return False
+
+
+def _from_flag(attr: str, rule: str | None, raw: str) -> str:
+    """The raw value of a setting given as a flag, once the flag rules allow it.
+
+    Raises:
+        ConfigError: a secret in the flag's own text (``ps`` shows every process's
+            arguments to every user), or an ``@FILE`` that cannot be read.
+    """
+    flag, var = _flag_name(attr), PREFIX + _ENV[attr]
+    if rule == FLAG_NEVER:
+        raise ConfigError(
+            f"{flag}: a key on the command line is refused (ps shows every process's "
+            f"arguments to every user): set {var} or use --service-key-file"
+        )
+    if rule != FLAG_URL:
+        return raw
+    if raw.startswith("@"):
+        try:
+            return Path(raw[1:]).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(f"{flag}: cannot read {raw[1:]!r}: {reason}") from None
+    if _has_password(raw):
+        raise ConfigError(
+            f"{flag}: a password in a command-line flag is refused (ps shows every process's "
+            f"arguments to every user): set {var}, or put the URL in a file and give "
+            f"{flag} @FILE"
+        )
+    return raw
+
+
+#: attribute -> the variable's name after the prefix
+_ENV: Final = {f.name: f.metadata["env"] for f in fields(Settings)}
 
 
 def load(
@@ -228,13 +301,19 @@ def load(
 
     Args:
         environ: the environment to read (default ``os.environ``).
-        overrides: attribute name to raw flag value; ``None`` means not given.
+        overrides: attribute name to raw flag value; ``None`` means not given. A flag may
+            not carry a secret, since ``ps`` shows it: ``service_key`` is refused, and a
+            URL with a password too (``@FILE`` reads the URL from a file instead).
 
     Raises:
-        ConfigError: a value is malformed; the message names its variable, never a secret.
+        ConfigError: a value is malformed, or a flag carries a secret; the message names
+            its variable or flag, never a secret.
     """
     env = os.environ if environ is None else environ
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    rules = {f.name: f.metadata["flag"] for f in fields(Settings)}
+    given = {
+        k: _from_flag(k, rules.get(k), v) for k, v in (overrides or {}).items() if v is not None
+    }
     values: dict[str, Any] = {}
     for f in fields(Settings):
         var = PREFIX + f.metadata["env"]

@@ -1,5 +1,6 @@
 """Keys read from files: the service's (inline, from a file, or a development key created on
-first start) and a producer's ``--key`` (``@PATH``, a file, what ``keygen`` prints).
+first start) and a producer's ``--key`` (``@FILE``, a path, or ``-`` for standard input;
+never the key's text, which ``ps`` would show).
 
 Shared by the service and the producers' tools; never prints or logs a key."""
 
@@ -7,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from structlog.typing import FilteringBoundLogger
 
@@ -61,6 +65,40 @@ def _warn_if_exposed(path: Path, log: FilteringBoundLogger) -> None:
         )
 
 
+def _read_key_file(settings: Settings, path: Path) -> ServiceKey:
+    var = "FORGE_WORKER_SERVICE_KEY_FILE"
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{var}: cannot read {path}: {type(exc).__name__}") from None
+    source = "file" if settings.service_key_file is not None else "development"
+    return ServiceKey(_parse(text, f"{var} ({path})"), source, path)
+
+
+def find_service_key(settings: Settings) -> ServiceKey:
+    """The service signer ``run`` would use, acting as ``settings.service_did`` if given,
+    without creating a development key and without logging (for ``forge-worker did``).
+
+    Raises:
+        ConfigError: no key is configured and no development key exists yet, or a key is
+            malformed or its file unreadable.
+    """
+    if settings.service_key is not None:
+        key = ServiceKey(_parse(settings.service_key, "FORGE_WORKER_SERVICE_KEY"), "inline")
+    else:
+        path = settings.key_path()
+        if settings.service_key_file is None and not path.exists():
+            raise ConfigError(
+                "no service key: neither FORGE_WORKER_SERVICE_KEY nor "
+                f"FORGE_WORKER_SERVICE_KEY_FILE is set and {str(path)!r} does not exist "
+                "(forge-worker run creates a development key there on its first start)"
+            )
+        key = _read_key_file(settings, path)
+    if settings.service_did is not None:
+        key = ServiceKey(key.signer.with_did(settings.service_did), key.source, key.path)
+    return key
+
+
 def load_service_key(settings: Settings, log: FilteringBoundLogger) -> ServiceKey:
     """The service signer from the settings, acting as ``settings.service_did`` if given.
 
@@ -76,7 +114,6 @@ def load_service_key(settings: Settings, log: FilteringBoundLogger) -> ServiceKe
         key = ServiceKey(_parse(settings.service_key, "FORGE_WORKER_SERVICE_KEY"), "inline")
     else:
         path = settings.key_path()
-        var = "FORGE_WORKER_SERVICE_KEY_FILE"
         if settings.service_key_file is None and not path.exists():
             try:
                 signer = _create_dev_key(path)
@@ -93,14 +130,9 @@ def load_service_key(settings: Settings, log: FilteringBoundLogger) -> ServiceKe
                 "for production",
             )
         else:
-            try:
-                text = path.read_text(encoding="ascii")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{var}: cannot read {path}: {type(exc).__name__}") from None
-            source = "file" if settings.service_key_file is not None else "development"
-            key = ServiceKey(_parse(text, f"{var} ({path})"), source, path)
+            key = _read_key_file(settings, path)
             _warn_if_exposed(path, log)
-            if source == "development":
+            if key.source == "development":
                 log.warning(
                     "development_key_loaded",
                     path=str(path),
@@ -113,32 +145,81 @@ def load_service_key(settings: Settings, log: FilteringBoundLogger) -> ServiceKe
     return key
 
 
-def read_key(value: str) -> Signer:
-    """A signer from ``--key``: ``@PATH``, a path to an existing file, or the key itself.
+#: how ``--key`` takes a key, named in every refusal (CONTRACT §7)
+KEY_WAYS: Final = "a file holding it (@FILE or a path) or - to read it from standard input"
+#: the refusal of a key's text given as a command-line value
+KEY_ON_COMMAND_LINE: Final = (
+    "a key's text on the command line is refused: ps shows every process's arguments to "
+    f"every user of the machine; give {KEY_WAYS}"
+)
+#: the most ``--key -`` reads from standard input (a key file is under 200 bytes)
+_MAX_KEY_INPUT: Final = 64 << 10
+#: what a key's text could look like (base64, optionally multibase ``M``), never a path
+_KEY_LIKE: Final = re.compile(r"M?[A-Za-z0-9+/]{40,}={0,2}")
+
+
+def _looks_like_a_key(value: str) -> bool:
+    """Whether ``value`` may be key material (so it must be neither used nor echoed)."""
+    text = value.strip()
+    if _KEY_LIKE.fullmatch(text) or text.startswith("{") or "key:" in text:
+        return True
+    try:
+        Signer.parse(text)
+    except UcanError:
+        return False
+    return True
+
+
+def _key_source(value: str, flag: str) -> tuple[str, str]:
+    """The text behind a ``--key`` value and a name for where it came from.
 
     Raises:
-        ConfigError: the file cannot be read or the text is not a key (never echoed).
+        ConfigError: the value is a key's text, or names no readable file.
     """
-    text = value
-    path: Path | None = None
-    if value.startswith("@"):
-        path = Path(value[1:])
-    elif len(value) < 4096 and Path(value).is_file():
-        path = Path(value)
-    if path is not None:
+    if value == "-":
         try:
-            text = path.read_text()
+            return sys.stdin.read(_MAX_KEY_INPUT), "standard input"
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--key: cannot read {str(path)!r}: {exc}") from None
+            raise ConfigError(f"{flag}: cannot read standard input: {exc}") from None
+    explicit = value.startswith("@")
+    path = Path(value[1:] if explicit else value)
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a name too long for a path, a NUL byte
+        is_file = False
+    if not is_file:
+        if _looks_like_a_key(str(path)):  # "@" + a key's text too
+            raise ConfigError(f"{flag}: {KEY_ON_COMMAND_LINE}")
+        if explicit:
+            raise ConfigError(f"{flag}: cannot read {str(path)!r}: not a file")
+        raise ConfigError(f"{flag}: no such file {value!r}; give {KEY_WAYS}")
+    try:
+        return path.read_text(), repr(str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{flag}: cannot read {str(path)!r}: {exc}") from None
+
+
+def read_key(value: str, flag: str = "--key") -> Signer:
+    """A signer from ``--key``: ``@FILE`` or a path to a file, or ``-`` for standard input.
+
+    The file (or input) holds the key in ucantone's format, or what ``keygen`` prints
+    (its JSON document, or its ``key: ...`` line among others). A key's own text as the
+    value is refused, without echoing it: ``ps`` shows arguments to every user.
+
+    Raises:
+        ConfigError: the value is a key's text, the file cannot be read, or it holds no key
+            (never echoed).
+    """
+    text, where = _key_source(value, flag)
     text = text.strip()
     if text.startswith("{"):
         try:
             doc = json.loads(text)
         except json.JSONDecodeError:
-            raise ConfigError("--key: the file is JSON but not valid JSON") from None
+            raise ConfigError(f"{flag}: {where} is JSON but not valid JSON") from None
         key = doc.get("key") if isinstance(doc, dict) else None
         if not isinstance(key, str):
-            raise ConfigError('--key: the JSON has no "key" text (as keygen --json prints)')
+            raise ConfigError(f'{flag}: the JSON has no "key" text (as keygen --json prints)')
         text = key
     else:
         # keygen's text output: a "key: ..." line among others
@@ -148,5 +229,4 @@ def read_key(value: str) -> Signer:
     try:
         return Signer.parse(text)
     except UcanError as exc:
-        where = f" in {str(path)!r}" if path is not None else ""
-        raise ConfigError(f"--key: not a ucantone Ed25519 key{where} ({exc})") from None
+        raise ConfigError(f"{flag}: not a ucantone Ed25519 key in {where} ({exc})") from None

@@ -4,6 +4,7 @@ and the depth poller."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import sys
@@ -166,10 +167,16 @@ async def run_cli(*argv: str) -> int:
     return await asyncio.to_thread(cli.main, list(argv))
 
 
+@pytest.fixture(autouse=True)
+def _broker_in_the_environment(monkeypatch: pytest.MonkeyPatch, amqp_url: str) -> None:
+    """The broker URL holds a password, so the commands take it from the environment, as
+    an operator gives it (a password in a flag is refused: ps shows it)."""
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", amqp_url)
+
+
 def flags(settings: Settings) -> list[str]:
+    """The test's own queues and database (its URL has no password) as flags."""
     return [
-        "--amqp-url",
-        settings.amqp_url,
         "--database-url",
         settings.database_url,
         "--queue",
@@ -499,6 +506,36 @@ async def test_purge_filters_confirmation_and_audit(amqp, populated, settings, d
     assert len(result.selected) == 2 and result.done == 0
     assert await depth(amqp, dlq) == 2
 
+    assert await run_cli("dlq", "purge", "--all", "--yes", *flags(settings)) == 0
+    assert await depth(amqp, dlq) == 0
+    assert await db.fetchval("SELECT count(*) FROM forge_worker.audit") == 3
+
+
+class _Terminal(io.StringIO):
+    """Standard input as a terminal where the operator types ``answer``."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_purge_all_asks_first_and_needs_yes_without_a_terminal(
+    amqp, populated, settings, db, capsys, monkeypatch
+) -> None:
+    """CONTRACT §7: --all is no answer to the question; only --yes is."""
+    dlq = topology.dead_letter_name(settings.queue)
+    # no terminal (pytest's stdin) and no --yes: refused, nothing touched
+    assert await run_cli("dlq", "purge", "--all", *flags(settings)) == 2
+    assert "--yes" in capsys.readouterr().err
+    assert await depth(amqp, dlq) == 3
+    # on a terminal the operator is shown them and asked; "n" keeps them all
+    monkeypatch.setattr("sys.stdin", _Terminal("n\n"))
+    assert await run_cli("dlq", "purge", "--all", *flags(settings)) == 1
+    err = capsys.readouterr().err
+    assert "delete these 3 dead letters" in err and "m-a" in err
+    assert await depth(amqp, dlq) == 3
+    assert await db.fetchval("SELECT count(*) FROM forge_worker.audit") == 0
+    # "y" deletes them
+    monkeypatch.setattr("sys.stdin", _Terminal("y\n"))
     assert await run_cli("dlq", "purge", "--all", *flags(settings)) == 0
     assert await depth(amqp, dlq) == 0
     assert await db.fetchval("SELECT count(*) FROM forge_worker.audit") == 3
@@ -536,6 +573,12 @@ async def test_status_reports_real_depths(amqp, channel, settings, capsys) -> No
     assert 500 <= rows[dlq]["oldest_age_seconds"] < 560
     assert rows[settings.receipt_queue]["consumers"] == 1
     assert len(rows) == 3 + len(settings.retry_delays)
+    # nobody consumes the inbox: that comes first, and the dead letters are named too
+    assert doc["verdict"]["state"] == "no-consumer"
+    assert doc["verdict"]["message"] == (
+        "no consumer on the inbox (2 requests waiting): start forge-worker run; "
+        f"3 dead letters waiting: forge-worker dlq list --queue {settings.queue}"
+    )
     # reading them put them all back, in their order
     assert [d.id for d in await deadletters.read_dead_letters(amqp, dlq)] == ["s-1", "s-2", "s-3"]
 
@@ -543,6 +586,7 @@ async def test_status_reports_real_depths(amqp, channel, settings, capsys) -> No
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["QUEUE", "ROLE", "READY", "CONSUMERS", "OLDEST"]
     assert table[1].split()[:4] == [settings.queue, "inbox", "2", "0"]
+    assert table[-1] == doc["verdict"]["message"] and table[-2] == ""
     await consumer_ch.close()
 
 
@@ -551,8 +595,6 @@ async def test_status_marks_missing_queues(amqp_url, queue_name, capsys) -> None
     args = (
         "status",
         "--json",
-        "--amqp-url",
-        amqp_url,
         "--queue",
         queue_name,
         "--receipt-queue",
@@ -561,13 +603,18 @@ async def test_status_marks_missing_queues(amqp_url, queue_name, capsys) -> None
     assert await run_cli(*args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert all(q["exists"] is False and q["ready"] is None for q in doc["queues"])
+    assert doc["verdict"]["state"] == "missing"
+    assert doc["verdict"]["message"].startswith(
+        f"missing: {queue_name} and {queue_name}.dlq not found"
+    )
 
 
-async def test_status_without_broker_exits_3_with_one_line(capsys) -> None:
+async def test_status_without_broker_exits_3_with_one_line(capsys, monkeypatch) -> None:
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert await run_cli("status", "--amqp-url", f"amqp://guest:secret@127.0.0.1:{port}/") == 3
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", f"amqp://guest:secret@127.0.0.1:{port}/")
+    assert await run_cli("status") == 3
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "cannot reach the broker" in err
     assert "secret" not in err

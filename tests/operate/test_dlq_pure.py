@@ -257,6 +257,59 @@ def test_status_table() -> None:
     assert lines[4].split() == ["q.receipts", "receipts", "missing", "-", "-"]
 
 
+def _rows(
+    *, inbox: tuple[int, int] | None, dead: int | None, queue: str = "q"
+) -> list[status.QueueStatus]:
+    """Status rows: the inbox's (ready, consumers) and the DLQ's ready; None: missing."""
+    return [
+        status.QueueStatus(
+            queue, "inbox", inbox is not None, *(inbox if inbox is not None else (None, None))
+        ),
+        status.QueueStatus(f"{queue}.retry.5s", "retry", True, 0, 0, max_age_seconds=5),
+        status.QueueStatus(
+            f"{queue}.dlq", "dead-letter", dead is not None, dead, None if dead is None else 0
+        ),
+        status.QueueStatus(f"{queue}.receipts", "receipts", True, 0, 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("inbox", "dead", "state", "message"),
+    [
+        ((0, 2), 0, "ready", "ready: 2 consumers on the inbox, no dead letters"),
+        ((5, 1), 0, "ready", "ready: 1 consumer on the inbox, no dead letters"),
+        ((0, 1), 3, "dead-letters", "3 dead letters waiting: forge-worker dlq list --queue q"),
+        ((0, 1), 1, "dead-letters", "1 dead letter waiting: forge-worker dlq list --queue q"),
+        ((0, 0), 0, "no-consumer", "no consumer on the inbox: start forge-worker run"),
+        # no consumer comes first (nothing flows at all), and the dead letters are named too
+        (
+            (7, 0),
+            2,
+            "no-consumer",
+            "no consumer on the inbox (7 requests waiting): start forge-worker run; "
+            "2 dead letters waiting: forge-worker dlq list --queue q",
+        ),
+        # a missing queue comes before everything
+        (None, 4, "missing", "missing: q not found"),
+        ((0, 1), None, "missing", "missing: q.dlq not found"),
+    ],
+)
+def test_status_verdict_and_its_priority(
+    inbox: tuple[int, int] | None, dead: int | None, state: str, message: str
+) -> None:
+    found = status.verdict(_rows(inbox=inbox, dead=dead), "q")
+    assert found.state == state
+    assert found.message.startswith(message), found.message
+    assert found.to_json() == {"state": state, "message": found.message}
+
+
+def test_status_verdict_names_no_queue_flag_for_the_default_inbox() -> None:
+    rows = _rows(inbox=(0, 1), dead=2, queue="ucan.invocations")
+    assert status.verdict(rows, "ucan.invocations").message == (
+        "2 dead letters waiting: forge-worker dlq list"
+    )
+
+
 def test_worker_queues_cover_inbox_retries_dlq_receipts() -> None:
     s = Settings(queue="in", receipt_queue="out", retry_delays=(1, 30))
     assert status.worker_queues(s) == [

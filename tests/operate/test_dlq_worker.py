@@ -90,9 +90,11 @@ async def test_replay_after_expiry_is_valid_as_of_first_arrival(
     amqp: AbstractRobustConnection,
     database_url: str,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The database is away long enough for the worker to give up (retries exhausted); the
     invocation expires in the DLQ; once the database is back, a replay still succeeds."""
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", worker_settings.amqp_url)  # it has a password
     settings = dataclasses.replace(worker_settings, clock_skew=0, retry_delays=(1,))
     exp = int(time.time()) + 2
     body = invocation(service, service.did, exp=exp)
@@ -116,8 +118,6 @@ async def test_replay_after_expiry_is_valid_as_of_first_arrival(
                 "--reason",
                 "retries-exhausted",
                 "--json",
-                "--amqp-url",
-                settings.amqp_url,
                 "--database-url",
                 settings.database_url,
                 "--queue",
@@ -190,3 +190,43 @@ async def test_the_running_worker_serves_metrics_and_readiness(
         app.request_stop()  # a stopping worker is not ready
         status, body = await _http_get(port, "/readyz")
         assert status == 503 and "consumer" in json.loads(body)["failed"]
+
+
+async def test_status_verdict_against_a_running_worker(
+    worker: App,
+    requester: Requester,
+    amqp: AbstractRobustConnection,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``ready`` while the worker consumes and nothing is dead; a dead letter turns it into
+    ``dead-letters``, with the command to look at them."""
+    settings = worker.settings
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", settings.amqp_url)  # it has a password
+    argv = ["status", "--queue", settings.queue, "--receipt-queue", settings.receipt_queue]
+    argv += ["--retry-delays", ",".join(map(str, settings.retry_delays))]
+
+    async def status() -> dict[str, str]:
+        assert await asyncio.to_thread(cli.main, [*argv, "--json"]) == 0
+        [doc] = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if '"queues"' in ln]
+        verdict: dict[str, str] = doc["verdict"]
+        return verdict
+
+    assert await status() == {
+        "state": "ready",
+        "message": "ready: 1 consumer on the inbox, no dead letters",
+    }
+    assert worker.consumer is not None
+    await requester.publish(b"\x00 not a container")  # undecodable: dead-lettered
+    await worker.consumer.wait_for("dead_lettered")
+    for _ in range(100):  # until the broker counts it into the DLQ's depth (bounded)
+        if (found := await status())["state"] != "ready":
+            break
+        await asyncio.sleep(0.1)
+    assert found == {
+        "state": "dead-letters",
+        "message": f"1 dead letter waiting: forge-worker dlq list --queue {settings.queue}",
+    }
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"1 dead letter waiting: forge-worker dlq list --queue {settings.queue}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import aio_pika
 import asyncpg
 import pytest
 
+from tests.support.worker import Requester, delegation
 from worker import cli
 from worker.client import (
     Client,
@@ -26,12 +28,14 @@ from worker.client import (
     reply_queue_name,
 )
 from worker.config import Secret, Settings
-from worker.service.app import running
+from worker.service.app import App, running
+from worker.service.broker import queue_declarations
 from worker.ucan import (
     CID,
     Delegation,
     Receipt,
     Signer,
+    build_receipt,
     customer_add_args,
     decode_request,
     decode_token,
@@ -55,6 +59,8 @@ class Stack:
     hilt: Signer
     proof: Delegation
     proof_file: Path
+    #: ``--key`` for Hilt's key: a file, as the command takes keys
+    hilt_key: str
 
 
 def _delegation(service: Signer, audience: str, pol: list[object] | None = None) -> Delegation:
@@ -64,6 +70,12 @@ def _delegation(service: Signer, audience: str, pol: list[object] | None = None)
     delegation = decode_token(token)
     assert isinstance(delegation, Delegation)
     return delegation
+
+
+@pytest.fixture(autouse=True)
+def _broker_in_the_environment(monkeypatch: pytest.MonkeyPatch, amqp_url: str) -> None:
+    """The commands take the broker URL (it has a password) from the environment."""
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", amqp_url)
 
 
 @pytest.fixture(name="stack")
@@ -79,6 +91,8 @@ async def _stack(
     proof = _delegation(service, hilt.did, [["like", ".product", "did:web:hilt.*"]])
     proof_file = tmp_path / "proof.ctn"
     proof_file.write_bytes(encode_container([proof.raw]))
+    hilt_key = tmp_path / "hilt.key"
+    hilt_key.write_text(hilt.export())
     settings = Settings(
         amqp_url=amqp_url,
         database_url=database_url,
@@ -89,7 +103,7 @@ async def _stack(
         log_format="json",
     )
     async with running(settings):
-        yield Stack(settings, service, hilt, proof, proof_file)
+        yield Stack(settings, service, hilt, proof, proof_file, f"@{hilt_key}")
     # the CLI runs' reply queue (--client-id cli) would expire by itself; remove it now
     ch = await amqp.channel()
     await ch.queue_delete(reply_queue_name(queue_name, "cli"))
@@ -237,7 +251,8 @@ async def test_timeout_then_resend_gets_the_receipt(
 async def test_garbage_reply_is_an_invalid_receipt(
     amqp_url: str, queue_name: str, amqp: aio_pika.abc.AbstractRobustConnection
 ) -> None:
-    """A response that is not a receipt for the task raises InvalidReceipt."""
+    """A response that is not a receipt for the task does not end the wait; when nothing
+    better comes, the timeout raises InvalidReceipt naming it, not Timeout."""
     ch = await amqp.channel()
     inbox = await ch.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
 
@@ -252,8 +267,8 @@ async def test_garbage_reply_is_an_invalid_receipt(
     await inbox.consume(answer)
     hilt = Signer.generate()
     async with Client(amqp_url, signer=hilt, service_did=hilt.did, queue=queue_name) as client:
-        with pytest.raises(InvalidReceipt, match="cannot find a receipt"):
-            await client.add_customer("did:plc:x", PRODUCT, timeout=10)
+        with pytest.raises(InvalidReceipt, match=r"1 response.*cannot find a receipt"):
+            await client.add_customer("did:plc:x", PRODUCT, timeout=1)
         await client.delete_reply_queue()
     await ch.close()
 
@@ -288,13 +303,11 @@ async def test_bulk_enqueue_of_1000_from_a_file(stack: Stack, tmp_path: Path) ->
             if i % 10 == 0:
                 doc["external_account"] = f"stripe:cus_{i}"
             f.write(json.dumps(doc) + "\n")
-    key_file = tmp_path / "hilt.key"
-    key_file.write_text(stack.hilt.export())
     results = tmp_path / "results.ndjson"
     argv = [
         "enqueue",
         "--key",
-        f"@{key_file}",
+        stack.hilt_key,
         "--proof",
         str(stack.proof_file),
         "--service",
@@ -307,8 +320,6 @@ async def test_bulk_enqueue_of_1000_from_a_file(stack: Stack, tmp_path: Path) ->
         "64",
         "--client-id",
         "cli",
-        "--amqp-url",
-        stack.settings.amqp_url,
         "--queue",
         stack.settings.queue,
     ]
@@ -353,7 +364,7 @@ async def test_bulk_records_every_failure_and_goes_on(stack: Stack, tmp_path: Pa
         [
             "enqueue",
             "--key",
-            stack.hilt.export(),
+            stack.hilt_key,
             "--proof",
             str(stack.proof_file),
             "--service",
@@ -364,8 +375,6 @@ async def test_bulk_records_every_failure_and_goes_on(stack: Stack, tmp_path: Pa
             str(results),
             "--client-id",
             "cli",
-            "--amqp-url",
-            stack.settings.amqp_url,
             "--queue",
             stack.settings.queue,
         ],
@@ -381,14 +390,21 @@ async def test_bulk_records_every_failure_and_goes_on(stack: Stack, tmp_path: Pa
 
 
 async def test_single_enqueue_wait_json(
-    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    stack: Stack,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # the broker URL (with its password) from a file, the other way besides the environment
+    monkeypatch.delenv("FORGE_WORKER_AMQP_URL")
+    url_file = tmp_path / "amqp.url"
+    url_file.write_text(stack.settings.amqp_url + "\n")
     code = await asyncio.to_thread(
         cli.main,
         [
             "enqueue",
             "--key",
-            stack.hilt.export(),
+            stack.hilt_key,
             "--proof",
             str(stack.proof_file),
             "--service",
@@ -406,7 +422,7 @@ async def test_single_enqueue_wait_json(
             "--client-id",
             "cli",
             "--amqp-url",
-            stack.settings.amqp_url,
+            f"@{url_file}",
             "--queue",
             stack.settings.queue,
         ],
@@ -442,7 +458,7 @@ async def test_enqueue_without_wait_sends_the_receipt_to_the_receipt_queue(
         [
             "enqueue",
             "--key",
-            stack.hilt.export(),
+            stack.hilt_key,
             "--proof",
             str(stack.proof_file),
             "--service",
@@ -451,8 +467,6 @@ async def test_enqueue_without_wait_sends_the_receipt_to_the_receipt_queue(
             "did:plc:nowait",
             "--product",
             PRODUCT,
-            "--amqp-url",
-            stack.settings.amqp_url,
             "--queue",
             stack.settings.queue,
         ],
@@ -469,17 +483,19 @@ async def test_enqueue_wait_times_out_with_exit_1(
     queue_name: str,
     amqp: aio_pika.abc.AbstractRobustConnection,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An inbox nobody consumes: --wait gives up after every attempt and says so."""
     ch = await amqp.channel()
     await ch.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
     service = Signer.generate()
+    monkeypatch.setattr("sys.stdin", io.StringIO(service.export() + "\n"))  # --key -
     code = await asyncio.to_thread(
         cli.main,
         [
             "enqueue",
             "--key",
-            service.export(),
+            "-",
             "--service",
             service.did,
             "--customer",
@@ -494,8 +510,6 @@ async def test_enqueue_wait_times_out_with_exit_1(
             "2",
             "--client-id",
             "cli",
-            "--amqp-url",
-            amqp_url,
             "--queue",
             queue_name,
         ],
@@ -510,3 +524,139 @@ async def test_enqueue_wait_times_out_with_exit_1(
     assert first.body == second.body and first.correlation_id == doc["invocation"]
     await ch.queue_delete(reply_queue_name(queue_name, "cli"))
     await ch.close()
+
+
+async def test_enqueue_out_bytes_published_later_get_an_ok_receipt(
+    worker: App,
+    requester: Requester,
+    service: Signer,
+    agent: Signer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """enqueue --out writes the request instead of publishing it; those bytes, published
+    later to a running worker's inbox, are answered with an ok receipt for the task."""
+    proof = tmp_path / "proof.ctn"
+    proof.write_bytes(encode_container([delegation(service, agent)]))
+    key = tmp_path / "agent.key"
+    key.write_text(agent.export())
+    out = tmp_path / "request.cbor"
+    argv = ["enqueue", "--key", f"@{key}", "--proof", str(proof), "--service", service.did]
+    argv += ["--customer", "did:plc:published-later", "--product", PRODUCT]
+    argv += ["--queue", worker.settings.queue, "--out", str(out), "--json"]
+    assert await asyncio.to_thread(cli.main, argv) == cli.EXIT_OK
+    [doc] = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if '"out"' in ln]
+    assert worker.consumer is not None and worker.consumer.outcomes["ok"] == 0  # not sent
+
+    _, [receipt] = await requester.call(out.read_bytes())
+    assert receipt.ok == {} and receipt.error is None
+    assert str(receipt.ran) == doc["task"] and receipt.iss == service.did
+    row = await _customer(worker.settings.database_url, "did:plc:published-later")
+    assert row is not None and row["product"] == PRODUCT
+
+
+async def _declare_worker_queues(
+    amqp: aio_pika.abc.AbstractRobustConnection, settings: Settings
+) -> None:
+    """The worker's queues as it declares them, so a publish is routable before it runs."""
+    ch = await amqp.channel()
+    for name, arguments in queue_declarations(settings):
+        await ch.declare_queue(name, durable=True, arguments=arguments)
+    await ch.close()
+
+
+async def _forge_response(
+    amqp: aio_pika.abc.AbstractRobustConnection,
+    client: Client,
+    request: SignedRequest,
+    service_did: str,
+) -> None:
+    """What anyone who can publish to the client's reply queue can send: a response with the
+    request's public correlation id and an ok receipt for its task that claims to come from
+    the service but is signed by another key."""
+    forger = Signer.generate().with_did(service_did)
+    receipt = build_receipt(forger, ran=request.task, iat=int(time.time()))
+    ch = await amqp.channel()
+    await ch.default_exchange.publish(
+        aio_pika.Message(encode_container([receipt]), correlation_id=str(request.cid)),
+        routing_key=client.reply_queue,
+    )
+    await ch.close()
+
+
+async def _until_rejected(client: Client, request: SignedRequest, n: int) -> None:
+    """Until the client has seen (and set aside) ``n`` responses that do not verify."""
+    for _ in range(500):
+        waiter = client._waiters.get(str(request.cid))
+        if waiter is not None and waiter.invalid >= n:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("the client never saw the forged response")
+
+
+async def test_a_forged_response_does_not_end_the_wait(
+    worker_settings: Settings, service: Signer, amqp: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    """A forged response with the right correlation id arrives before the worker's real one:
+    the client keeps waiting and returns the real, verified receipt."""
+    await _declare_worker_queues(amqp, worker_settings)
+    async with Client(
+        worker_settings.amqp_url,
+        signer=service,
+        service_did=service.did,
+        queue=worker_settings.queue,
+        timeout=20,
+    ) as client:
+        request = client.build(CustomerAdd("did:plc:forged-first", PRODUCT))
+        call = asyncio.create_task(client.call(request))
+        await _until_published(amqp, worker_settings.queue)
+        await _forge_response(amqp, client, request, service.did)
+        await _until_rejected(client, request, 1)
+        assert not call.done()  # the forgery did not end it
+        async with running(worker_settings):
+            outcome = await call
+        await client.delete_reply_queue()
+    assert outcome.ok == {} and outcome.task == request.task
+    assert outcome.receipt.iss == service.did
+    row = await _customer(worker_settings.database_url, "did:plc:forged-first")
+    assert row is not None
+
+
+async def test_only_forged_responses_raise_invalid_receipt_naming_them(
+    worker_settings: Settings, service: Signer, amqp: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    """No worker answers; a forged response comes: at the timeout the client reports
+    InvalidReceipt with what it saw, not Timeout."""
+    await _declare_worker_queues(amqp, worker_settings)
+    async with Client(
+        worker_settings.amqp_url,
+        signer=service,
+        service_did=service.did,
+        queue=worker_settings.queue,
+    ) as client:
+        request = client.build(CustomerAdd("did:plc:forged-only", PRODUCT))
+        call = asyncio.create_task(client.call(request, timeout=3, attempts=1))
+        await _until_published(amqp, worker_settings.queue)
+        await _forge_response(amqp, client, request, service.did)
+        with pytest.raises(InvalidReceipt) as caught:
+            await call
+        await client.delete_reply_queue()
+    message = str(caught.value)
+    assert caught.value.name == "InvalidReceipt"
+    assert "1 response(s) with its correlation id did not verify" in message
+    assert "InvalidSignature" in message and str(request.task) in message
+
+
+async def _until_published(amqp: aio_pika.abc.AbstractRobustConnection, queue: str) -> None:
+    """Until the inbox holds the request (the client has published it)."""
+    ch = await amqp.channel()
+    try:
+        underlay = await ch.get_underlay_channel()
+        for _ in range(500):
+            declared = await underlay.queue_declare(queue, passive=True)
+            if (declared.message_count or 0) >= 1:
+                return
+            await asyncio.sleep(0.02)
+        pytest.fail(f"nothing was published to {queue!r}")
+    finally:
+        await ch.close()

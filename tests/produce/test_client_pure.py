@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from worker.client import (
     CUSTOMER_ADD,
+    Client,
     CustomerAdd,
     InvalidReceipt,
     ProofError,
     ReceiptError,
+    ReceiptTimeout,
     SignedRequest,
     build_customer_add,
     command_covers,
@@ -318,3 +322,91 @@ def test_load_proofs(tmp_path, service: Signer, hilt: Signer) -> None:
 def test_reply_queue_naming_and_arguments() -> None:
     assert reply_queue_name("ucan.invocations", "hilt-1") == "ucan.invocations.replies.hilt-1"
     assert reply_queue_arguments(60) == {"x-queue-type": "quorum", "x-expires": 60_000}
+
+
+# --- waiting: only a verifying receipt ends it ---------------------------------------------
+
+
+class _Reply:
+    """What the client's reply consumer is handed (an AMQP delivery), without a broker."""
+
+    def __init__(self, body: bytes, correlation_id: str) -> None:
+        self.body = body
+        self.correlation_id = correlation_id
+        self.acked = False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+
+async def _deliver(client: Client, body: bytes, req: SignedRequest) -> _Reply:
+    reply = _Reply(body, str(req.cid))
+    await client._on_reply(reply)  # type: ignore[arg-type]
+    assert reply.acked
+    return reply
+
+
+def _offline_client(service: Signer, hilt: Signer) -> Client:
+    return Client("amqp://guest@127.0.0.1:1/", signer=hilt, service_did=service.did)
+
+
+async def test_forged_then_genuine_reply_while_waiting(service: Signer, hilt: Signer) -> None:
+    req, _ = _request(service, hilt)
+    client = _offline_client(service, hilt)
+    waiting = asyncio.create_task(client.wait(req, timeout=5))
+    await asyncio.sleep(0)
+    for forged in (
+        _response(Signer.generate().with_did(service.did), req),  # the wrong key
+        _response(Signer.generate(), req),  # another issuer
+        encode_container([]),  # no receipt
+        b"\xffgarbage",
+    ):
+        await _deliver(client, forged, req)
+        await asyncio.sleep(0)
+        assert not waiting.done()
+    await _deliver(client, _response(service, req), req)
+    outcome = await waiting
+    assert outcome.ok == {} and outcome.receipt.iss == service.did
+
+
+async def test_a_verified_error_receipt_ends_the_wait(service: Signer, hilt: Signer) -> None:
+    req, _ = _request(service, hilt)
+    client = _offline_client(service, hilt)
+    waiting = asyncio.create_task(client.wait(req, timeout=5))
+    await asyncio.sleep(0)
+    await _deliver(client, _response(service, req, error=("MatchError", "no")), req)
+    with pytest.raises(ReceiptError, match="MatchError"):
+        await waiting
+
+
+async def test_only_forged_replies_time_out_as_invalid_receipt(
+    service: Signer, hilt: Signer
+) -> None:
+    req, _ = _request(service, hilt)
+    client = _offline_client(service, hilt)
+    waiting = asyncio.create_task(client.wait(req, timeout=0.3))
+    await asyncio.sleep(0)
+    for _ in range(5):
+        await _deliver(client, _response(Signer.generate().with_did(service.did), req), req)
+    with pytest.raises(InvalidReceipt) as caught:
+        await waiting
+    message = str(caught.value)
+    assert "5 response(s) with its correlation id did not verify" in message
+    assert message.count("InvalidSignature") == 3  # the first few, named
+    with pytest.raises(ReceiptTimeout):  # nothing at all: a timeout, as before
+        await client.wait(req, timeout=0.05)
+
+
+async def test_early_replies_keep_only_what_the_service_signed(
+    service: Signer, hilt: Signer
+) -> None:
+    """Replies that arrive before anyone waits: a forged one is dropped, so neither it nor a
+    later forgery can hide the genuine one from wait()."""
+    req, _ = _request(service, hilt)
+    client = _offline_client(service, hilt)
+    await _deliver(client, _response(Signer.generate().with_did(service.did), req), req)
+    await _deliver(client, _response(service, req), req)
+    await _deliver(client, _response(Signer.generate().with_did(service.did), req), req)
+    assert len(client._unclaimed[str(req.cid)]) == 1
+    outcome = await client.wait(req, timeout=0.5)
+    assert outcome.receipt.iss == service.did and outcome.ok == {}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,15 @@ HILT = "did:key:z6MkgGyk5NXAGGz8xLfo8VGMGEnVjY5rrCoR4yZydjcE9RRm"
 @pytest.fixture(name="key")
 def _key() -> Signer:
     return Signer.generate()
+
+
+@pytest.fixture(name="key_file")
+def _key_file(key: Signer, tmp_path: Path) -> str:
+    """``key`` in a file, as ``--key`` takes it (never the key's text on the command line)."""
+    path = tmp_path / "key"
+    path.write_text(key.export() + "\n")
+    path.chmod(0o600)
+    return f"@{path}"
 
 
 # --- arguments ---------------------------------------------------------------------------
@@ -66,6 +78,7 @@ def test_delegate_arguments_keep_the_subcommand() -> None:
     assert args.command == "delegate"
     assert args.delegated_command == "/customer/add"
     assert args.expires_in is None and args.policy is None and args.subject is None
+    assert args.no_expiry is False
 
 
 @pytest.mark.parametrize("bad", ["region", "=eu"])
@@ -86,19 +99,19 @@ def test_parse_details_rejects_malformed(bad: str) -> None:
     ],
 )
 def test_enqueue_usage_errors_exit_2(
-    argv: list[str], key: Signer, capsys: pytest.CaptureFixture[str]
+    argv: list[str], key: Signer, key_file: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = cli.main(["enqueue", "--key", key.export(), "--service", key.did, *argv])
+    code = cli.main(["enqueue", "--key", key_file, "--service", key.did, *argv])
     assert code == cli.EXIT_USAGE
     assert key.export() not in capsys.readouterr().err
 
 
-def test_enqueue_without_a_proof_chain_exits_2(key: Signer) -> None:
+def test_enqueue_without_a_proof_chain_exits_2(key_file: str) -> None:
     code = cli.main(
         [
             "enqueue",
             "--key",
-            key.export(),
+            key_file,
             "--service",
             Signer.generate().did,
             "--customer",
@@ -117,21 +130,21 @@ def _closed_port() -> int:
 
 
 def test_enqueue_unreachable_broker_exits_3(
-    key: Signer, capsys: pytest.CaptureFixture[str]
+    key: Signer, key_file: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    url = f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/"
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", url)
     code = cli.main(
         [
             "enqueue",
             "--key",
-            key.export(),
+            key_file,
             "--service",
             key.did,
             "--customer",
             "did:plc:a",
             "--product",
             "did:web:p",
-            "--amqp-url",
-            f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/",
         ]
     )
     assert code == cli.EXIT_UNREACHABLE
@@ -142,35 +155,86 @@ def test_enqueue_unreachable_broker_exits_3(
 # --- keys --------------------------------------------------------------------------------
 
 
-def test_read_key_forms(tmp_path: Path, key: Signer) -> None:
+def test_read_key_forms(tmp_path: Path, key: Signer, monkeypatch: pytest.MonkeyPatch) -> None:
     plain = tmp_path / "plain.key"
     plain.write_text(key.export() + "\n")
+    multibase = tmp_path / "multibase.key"
+    multibase.write_text("M" + key.export())
     as_json = tmp_path / "key.json"
     as_json.write_text(json.dumps({"did": key.did, "key": key.export()}))
     as_text = tmp_path / "keygen.txt"
     as_text.write_text(f"did: {key.did}\nkey: {key.export()}\n")
-    for value in (
-        key.export(),
-        "M" + key.export(),
-        f"@{plain}",
-        str(plain),
-        f"@{as_json}",
-        str(as_text),
-    ):
+    for value in (f"@{plain}", str(plain), f"@{multibase}", f"@{as_json}", str(as_text)):
         assert read_key(value).did == key.did
+    # "-": standard input, in any of the file forms
+    for text in (key.export() + "\n", json.dumps({"did": key.did, "key": key.export()})):
+        monkeypatch.setattr("sys.stdin", io.StringIO(text))
+        assert read_key("-").did == key.did
+
+
+@pytest.mark.parametrize(
+    "inline",
+    [
+        lambda k: k.export(),
+        lambda k: "M" + k.export(),
+        lambda k: k.export()[:-4] + "AAA=",  # a mistyped key is still key material
+        lambda k: json.dumps({"did": k.did, "key": k.export()}),
+        lambda k: f"key: {k.export()}",
+        lambda k: "@" + k.export(),
+    ],
+    ids=["base64", "multibase", "mistyped", "keygen-json", "keygen-text", "at-key"],
+)
+def test_read_key_refuses_the_key_text_without_echoing_it(
+    key: Signer, inline: Callable[[Signer], str]
+) -> None:
+    """CONTRACT §7: ps shows arguments to every user, so a key is taken only from a file or
+    standard input; the refusal names those ways and never repeats the text."""
+    value = inline(key)
+    with pytest.raises(ConfigError) as caught:
+        read_key(value)
+    message = str(caught.value)
+    assert "@FILE" in message and "standard input" in message and "ps" in message
+    assert value not in message and key.export()[8:-8] not in message
 
 
 def test_read_key_errors_never_echo_the_key(tmp_path: Path, key: Signer) -> None:
-    broken = key.export()[:-4] + "!!!!"
+    broken = tmp_path / "broken.key"
+    broken.write_text(key.export()[:-4] + "!!!!")
     with pytest.raises(ConfigError) as caught:
-        read_key(broken)
-    assert broken not in str(caught.value)
+        read_key(str(broken))
+    assert key.export()[:-4] not in str(caught.value)
     with pytest.raises(ConfigError, match="cannot read"):
         read_key(f"@{tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match=r"no such file 'hilt\.json'.*standard input"):
+        read_key("hilt.json")
     bad_json = tmp_path / "k.json"
     bad_json.write_text('{"did": "did:key:z"}')
     with pytest.raises(ConfigError, match='no "key"'):
         read_key(str(bad_json))
+
+
+@pytest.mark.parametrize("command", ["enqueue", "delegate"])
+def test_a_key_on_the_command_line_exits_2(
+    command: str, key: Signer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "never-written"
+    argv = {
+        "enqueue": ["--service", key.did, "--customer", "did:plc:a", "--product", "did:web:p"],
+        "delegate": ["--to", HILT, "--command", "/customer/add", "--out", str(out)],
+    }[command]
+    assert cli.main([command, "--key", key.export(), *argv]) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert "--key: a key's text on the command line is refused" in captured.err
+    assert key.export() not in captured.err + captured.out
+    assert not out.exists()
+
+
+def test_help_says_how_to_give_a_key(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("enqueue", "delegate"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "@FILE" in text and "standard input" in text and "refused" in text
 
 
 # --- bulk files --------------------------------------------------------------------------
@@ -295,11 +359,13 @@ def test_keygen_text(capsys: pytest.CaptureFixture[str]) -> None:
 
 def _delegate(tmp_path: Path, key: Signer, *extra: str) -> Delegation:
     out = tmp_path / "proof.ctn"
+    key_file = tmp_path / "service.key"
+    key_file.write_text(key.export())
     code = cli.main(
         [
             "delegate",
             "--key",
-            key.export(),
+            f"@{key_file}",
             "--to",
             HILT,
             "--command",
@@ -315,8 +381,12 @@ def _delegate(tmp_path: Path, key: Signer, *extra: str) -> Delegation:
 
 
 def test_delegate_defaults(tmp_path: Path, key: Signer, capsys: pytest.CaptureFixture[str]) -> None:
+    before = int(time.time())
     d = _delegate(tmp_path, key)
-    assert (d.iss, d.aud, d.sub, d.cmd, d.exp) == (key.did, HILT, key.did, "/customer/add", None)
+    assert (d.iss, d.aud, d.sub, d.cmd) == (key.did, HILT, key.did, "/customer/add")
+    # not forever: a year, unless asked otherwise
+    year = 365 * 24 * 3600
+    assert d.exp is not None and before + year <= d.exp <= int(time.time()) + year
     assert d.pol.wire == []
     assert (tmp_path / "proof.ctn").read_bytes()[0] == 0xA1  # raw container, no header byte
     assert key.export() not in capsys.readouterr().out
@@ -344,6 +414,17 @@ def test_delegate_options(tmp_path: Path, key: Signer, capsys: pytest.CaptureFix
     assert (tmp_path / "proof.ctn").read_bytes()[:1] == b"B"
 
 
+def test_delegate_no_expiry_is_explicit(
+    tmp_path: Path, key: Signer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = _delegate(tmp_path, key, "--no-expiry", "--json")
+    assert d.exp is None and json.loads(capsys.readouterr().out)["exp"] is None
+    with pytest.raises(SystemExit):  # one or the other
+        base = ["delegate", "--key", "k", "--to", HILT, "--command", "/c", "--out", "f"]
+        cli.build_parser().parse_args([*base, "--no-expiry", "--expires-in", "60"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -353,12 +434,12 @@ def test_delegate_options(tmp_path: Path, key: Signer, capsys: pytest.CaptureFix
         ["--subject", "nope"],
     ],
 )
-def test_delegate_usage_errors(tmp_path: Path, key: Signer, extra: list[str]) -> None:
+def test_delegate_usage_errors(tmp_path: Path, key_file: str, extra: list[str]) -> None:
     code = cli.main(
         [
             "delegate",
             "--key",
-            key.export(),
+            key_file,
             "--to",
             HILT,
             "--command",
@@ -372,9 +453,168 @@ def test_delegate_usage_errors(tmp_path: Path, key: Signer, extra: list[str]) ->
     assert not (tmp_path / "x").exists()
 
 
-def test_delegate_rejects_a_bad_command(tmp_path: Path, key: Signer) -> None:
+def test_delegate_rejects_a_bad_command(tmp_path: Path, key_file: str) -> None:
     for cmd in ("/Customer/add", "customer/add", "/customer/"):
         code = cli.main(
-            ["delegate", "--key", key.export(), "--to", HILT, "--command", cmd, "--out", "x"]
+            ["delegate", "--key", key_file, "--to", HILT, "--command", cmd, "--out", "x"]
         )
         assert code == cli.EXIT_USAGE
+
+
+# --- did ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(name="no_service_env")
+def _no_service_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No service key configured, in a scratch directory (where .forge-worker/ would be)."""
+    for var in (
+        "FORGE_WORKER_SERVICE_KEY",
+        "FORGE_WORKER_SERVICE_KEY_FILE",
+        "FORGE_WORKER_SERVICE_DID",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_did_of_the_service_key_from_the_environment(
+    no_service_env: Path,
+    key: Signer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FORGE_WORKER_SERVICE_KEY", key.export())
+    assert cli.main(["did"]) == cli.EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out == key.did + "\n"  # the DID alone: SERVICE=$(forge-worker did)
+    assert cli.main(["did", "--json"]) == cli.EXIT_OK
+    assert json.loads(capsys.readouterr().out) == {"did": key.did, "key_did": key.did}
+    assert key.export() not in captured.out + captured.err
+
+
+def test_did_honours_the_service_did_of_a_key_file(
+    no_service_env: Path,
+    key: Signer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = no_service_env / "service.key"
+    path.write_text(key.export() + "\n")
+    monkeypatch.setenv("FORGE_WORKER_SERVICE_KEY_FILE", str(path))
+    monkeypatch.setenv("FORGE_WORKER_SERVICE_DID", "did:web:upload.example")
+    assert cli.main(["did", "--json"]) == cli.EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == {"did": "did:web:upload.example", "key_did": key.did}
+    assert cli.main(["did"]) == cli.EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out == "did:web:upload.example\n"
+    assert key.did in captured.err and "--service-key-did" in captured.err
+    assert key.export() not in captured.out + captured.err
+
+
+def test_did_of_the_development_key_says_so_and_creates_none(
+    no_service_env: Path, key: Signer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # none yet: a usage error, and no key is made
+    assert cli.main(["did"]) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no service key" in captured.err
+    assert ".forge-worker/service.key" in captured.err
+    assert not (no_service_env / ".forge-worker").exists()
+    # the one `run` made: its DID, and a note that it is a development identity
+    (no_service_env / ".forge-worker").mkdir()
+    (no_service_env / ".forge-worker" / "service.key").write_text(key.export() + "\n")
+    assert cli.main(["did"]) == cli.EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out == key.did + "\n" and "development key" in captured.err
+
+
+def test_did_of_a_given_key(
+    no_service_env: Path,
+    key: Signer,
+    key_file: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FORGE_WORKER_SERVICE_DID", "did:web:upload.example")  # not this key's
+    keygen_json = no_service_env / "hilt.json"
+    keygen_json.write_text(json.dumps({"did": key.did, "key": key.export()}))
+    for value in (key_file, str(keygen_json)):
+        assert cli.main(["did", "--key", value, "--json"]) == cli.EXIT_OK
+        assert json.loads(capsys.readouterr().out) == {"did": key.did, "key_did": key.did}
+    monkeypatch.setattr("sys.stdin", io.StringIO(key.export()))
+    assert cli.main(["did", "--key", "-"]) == cli.EXIT_OK
+    assert capsys.readouterr().out == key.did + "\n"
+    assert cli.main(["did", "--key", key.export()]) == cli.EXIT_USAGE
+    assert key.export() not in capsys.readouterr().err
+
+
+def test_did_of_ucantones_service_key(
+    no_service_env: Path, vectors: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Go vectors' service key (raw 0x80 0x26 + seed) signs as the did:key ucantone
+    computed for it."""
+    raw = (vectors / "ucantone-go" / "ed25519.service.private.bin").read_bytes()
+    path = no_service_env / "service.key"
+    path.write_text(base64.b64encode(raw).decode())
+    assert cli.main(["did", "--service-key-file", str(path)]) == cli.EXIT_OK
+    assert capsys.readouterr().out == "did:key:z6MkoGmQXc2j7GuHEYrL9NwWLGFDM58iXXwRRKMjhY4Mc1Sb\n"
+
+
+# --- enqueue --out -----------------------------------------------------------------------
+
+
+def test_enqueue_out_writes_the_signed_body_without_a_broker(
+    tmp_path: Path,
+    key: Signer,
+    key_file: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Nothing listens on the broker's port: --out needs none. The file is the raw container
+    (invocation and proof) that enqueue would publish, and inspect finds it valid."""
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", f"amqp://guest:pw@127.0.0.1:{_closed_port()}/")
+    service = Signer.generate()
+    proof = tmp_path / "proof.ctn"
+    service_key = tmp_path / "service.key"
+    service_key.write_text(service.export())
+    delegate = ["delegate", "--key", f"@{service_key}", "--to", key.did]
+    assert cli.main([*delegate, "--command", "/customer/add", "--out", str(proof)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "request.cbor"
+    argv = ["enqueue", "--key", key_file, "--proof", str(proof), "--service", service.did]
+    argv += ["--customer", "did:plc:offline", "--product", "did:web:p", "--detail", "region=eu"]
+    assert cli.main([*argv, "--expires-in", "3600", "--out", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    body = out.read_bytes()
+    assert doc["out"] == str(out) and doc["bytes"] == len(body)
+    assert doc["customer"] == "did:plc:offline" and doc["ok"] is None and doc["error"] is None
+    assert body[0] == 0xA1  # raw {"ctn-v1": [...]}, no header byte: what is published
+    request = decode_request(body)
+    [inv] = request.invocations
+    assert str(inv.cid) == doc["invocation"] and str(inv.task_cid) == doc["task"]
+    assert (inv.iss, inv.aud, inv.sub) == (key.did, service.did, service.did)
+    assert inv.exp is not None and inv.exp > time.time() + 3500
+    assert list(request.delegations) == list(inv.prf)
+    # inspect agrees it is valid for this service
+    assert cli.main(["inspect", str(out), "--service-did", service.did, "--json"]) == 0
+    [checked] = json.loads(capsys.readouterr().out)["invocations"]
+    assert checked["valid"] is True and checked["task"] == doc["task"]
+    # the text form says where it went
+    assert cli.main([*argv, "--out", str(tmp_path / "again.cbor")]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"wrote {tmp_path / 'again.cbor'}") and "publish its bytes" in line
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--wait"], ["--wait", "--receipt", "r.bin"], ["--from", "regs.ndjson"]],
+)
+def test_enqueue_out_refuses_what_needs_the_broker(
+    extra: list[str], key: Signer, key_file: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "request.cbor"
+    regs = ["--customer", "did:plc:a", "--product", "did:web:p"] if "--from" not in extra else []
+    argv = ["enqueue", "--key", key_file, "--service", key.did, *regs]
+    assert cli.main([*argv, *extra, "--out", str(out)]) == cli.EXIT_USAGE
+    assert not out.exists()

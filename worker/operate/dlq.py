@@ -70,10 +70,11 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_USAGE
     action: str = args.dlq_command
     interactive = sys.stdin.isatty()
-    if action == "purge" and not (args.yes or args.all) and not interactive:
+    if action == "purge" and not args.yes and not interactive:
+        # --all too: deleting every dead letter is the last thing to do without a question
         print(
             "forge-worker: dlq purge: refusing to delete without confirmation on a "
-            "non-interactive input; add --yes (or --all)",
+            "non-interactive input; add --yes",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -171,7 +172,7 @@ async def _dlq_action(
             print(f"replayed {result.done} of {result.scanned} into {settings.queue}")
         return EXIT_OK
     # purge
-    ask_first = not (args.yes or args.all)
+    ask_first = not args.yes
 
     async def confirm(dls: list[DeadLetter]) -> bool:
         print(format_dead_letters(dls), file=sys.stderr)

@@ -1,4 +1,5 @@
-"""``forge-worker inspect``: decode a request body or token file offline and validate it."""
+"""``forge-worker inspect``: decode a request body, response or token file offline, validate
+each invocation and verify each receipt's signature."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from worker.ucan import (
     decode_request,
     to_dag_json,
     validate_invocation,
+    verify_signature,
 )
 
 #: the largest file ``inspect`` reads (a request body is at most 1 MiB by default)
@@ -66,6 +68,38 @@ def _read(path: str) -> bytes:
         return f.read(MAX_FILE + 1)
 
 
+def _receipt(receipt: Receipt, resolver: Resolver, service_did: str | None) -> dict[str, Any]:
+    """One entry of ``receipts``: ``valid`` when its signature verifies against ``iss`` (and,
+    given ``--service-did``, ``iss`` is that service); ``problem`` says why not."""
+    problem: dict[str, str] | None = None
+    try:
+        if service_did is not None and receipt.iss != service_did:
+            raise ValidationError(
+                "InvalidIssuer", f"receipt issued by {receipt.iss!r}, not by {service_did!r}"
+            )
+        verify_signature(receipt, resolver)
+    except ValidationError as exc:
+        problem = {"name": exc.name, "message": exc.message}
+    out: dict[str, Any]
+    if receipt.error is not None:
+        out = {
+            "error": {
+                "name": str(receipt.error.get("name", "")),
+                "message": str(receipt.error.get("message", "")),
+            }
+        }
+    else:
+        out = {"ok": to_dag_json(receipt.ok)}
+    return {
+        "cid": str(receipt.cid),
+        "iss": receipt.iss,
+        "ran": str(receipt.ran),
+        "out": out,
+        "valid": problem is None,
+        "problem": problem,
+    }
+
+
 def report(
     request: Request,
     *,
@@ -101,7 +135,19 @@ def report(
                 "error": error,
             }
         )
-    return {"tokens": tokens, "invocations": invocations}
+    checker = resolver or Resolver()
+    receipts = [_receipt(r, checker, service_did) for r in request.receipts]
+    return {"tokens": tokens, "invocations": invocations, "receipts": receipts}
+
+
+def _receipt_line(r: dict[str, Any]) -> str:
+    """One line per receipt (an error message's newlines stay inside its JSON string)."""
+    verdict = "VALID" if r["valid"] else f"INVALID {r['problem']['name']}"
+    line = f"receipt {r['cid']}: {verdict}  ran {r['ran']}  from {r['iss']}  out "
+    line += json.dumps(r["out"], ensure_ascii=False)
+    if not r["valid"]:
+        line += f"  reason: {json.dumps(r['problem']['message'], ensure_ascii=False)}"
+    return line
 
 
 def _text(doc: dict[str, Any], dropped: list[str], now: int) -> str:
@@ -122,17 +168,22 @@ def _text(doc: dict[str, Any], dropped: list[str], now: int) -> str:
         lines.append(f"  subject: {inv['sub']}")
         lines.append(f"  audience: {inv['aud'] if inv['aud'] is not None else '(none: subject)'}")
         lines.append(f"  args:    {json.dumps(inv['args'], ensure_ascii=False, sort_keys=False)}")
-    if not doc["invocations"]:
+    if doc["receipts"]:
+        lines.append("")
+        lines.extend(_receipt_line(r) for r in doc["receipts"])
+    if not doc["invocations"] and not doc["receipts"]:
         lines.append("no invocations")
     return "\n".join(lines)
 
 
 def inspect_main(args: argparse.Namespace, settings: Settings) -> int:
-    """Decode FILE, validate each invocation against the delegations beside it, print.
+    """Decode FILE, validate each invocation against the delegations beside it, verify each
+    receipt's signature, print.
 
     Returns:
-        0 when every invocation is valid, 1 when one is invalid or nothing can be decoded,
-        2 when the file cannot be read.
+        0 when every invocation is valid and every receipt verifies (whether its outcome is
+        ok or an error), 1 when one does not or nothing can be decoded, 2 when the file
+        cannot be read.
     """
     try:
         body = _read(args.file)
@@ -171,4 +222,6 @@ def inspect_main(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(doc, ensure_ascii=False))
     else:
         print(_text(doc, request.dropped, now))
-    return EXIT_OK if all(i["valid"] for i in doc["invocations"]) else EXIT_CHECK_FAILED
+    # an error receipt that verifies is a valid receipt: only signatures decide here
+    valid = all(i["valid"] for i in doc["invocations"]) and all(r["valid"] for r in doc["receipts"])
+    return EXIT_OK if valid else EXIT_CHECK_FAILED

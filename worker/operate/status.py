@@ -1,4 +1,5 @@
-"""``forge-worker status``: depth and consumers of the worker's queues, the oldest dead letter.
+"""``forge-worker status``: depth and consumers of the worker's queues, the oldest dead letter,
+and a verdict line (ready / no consumer / dead letters waiting / missing).
 
 Depth is a passive ``queue.declare`` (ready messages and consumers), on a raw channel of its
 own: a missing queue closes the channel with a 404.
@@ -63,6 +64,9 @@ def worker_queues(settings: Settings) -> list[tuple[str, str, float | None]]:
     return out
 
 
+#: the inbox when FORGE_WORKER_QUEUE is not set (``dlq list`` then needs no --queue)
+DEFAULT_QUEUE: Final = "ucan.invocations"
+
 #: a dead-letter queue up to this many messages is read whole for its oldest age
 OLDEST_SCAN_LIMIT: Final = 1000
 
@@ -123,6 +127,56 @@ async def gather_status(
     return rows
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The one line ``status`` ends with, for a person to read at a glance.
+
+    ``state`` is the most urgent that holds, in this order: ``missing`` (the inbox or the
+    dead-letter queue does not exist: no worker ever declared them, or the queue name is
+    wrong), ``no-consumer`` (nothing is being processed at all; new requests pile up),
+    ``dead-letters`` (requests that failed wait for an operator; the rest flows), ``ready``.
+    The message names the others that hold too.
+    """
+
+    state: str
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"state": self.state, "message": self.message}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def verdict(rows: Sequence[QueueStatus], queue: str) -> Verdict:
+    """The verdict on the worker's queues (see :class:`Verdict`) for inbox ``queue``."""
+    by_role = {r.role: r for r in rows if r.role in ("inbox", "dead-letter")}
+    inbox, dlq = by_role.get("inbox"), by_role.get("dead-letter")
+    if inbox is None or dlq is None or not (inbox.exists and dlq.exists):
+        missing = [r.name for r in (inbox, dlq) if r is not None and not r.exists]
+        return Verdict(
+            "missing",
+            f"missing: {' and '.join(missing) or 'the inbox'} not found (a worker declares "
+            "its queues when it starts: has one run with this FORGE_WORKER_QUEUE?)",
+        )
+    dead = dlq.ready or 0
+    look = "forge-worker dlq list" + ("" if queue == DEFAULT_QUEUE else f" --queue {queue}")
+    dead_part = f"{_plural(dead, 'dead letter')} waiting: {look}"
+    if not inbox.consumers:
+        waiting = f" ({_plural(inbox.ready or 0, 'request')} waiting)" if inbox.ready else ""
+        return Verdict(
+            "no-consumer",
+            f"no consumer on the inbox{waiting}: start forge-worker run"
+            + (f"; {dead_part}" if dead else ""),
+        )
+    if dead:
+        return Verdict("dead-letters", dead_part)
+    return Verdict(
+        "ready", f"ready: {_plural(inbox.consumers, 'consumer')} on the inbox, no dead letters"
+    )
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -169,10 +223,13 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
         raise Unreachable(f"lost the broker at {redact(settings.amqp_url)}: {exc}") from None
     finally:
         await connection.close()
+    found = verdict(rows, settings.queue)
     if args.json:
-        print(json.dumps({"queues": [r.to_json() for r in rows]}))
+        print(json.dumps({"queues": [r.to_json() for r in rows], "verdict": found.to_json()}))
     else:
         print(format_status(rows))
+        print()
+        print(found.message)
     return EXIT_OK
 
 

@@ -16,18 +16,24 @@ one-shot clients leave nothing behind for long; it is never deleted on close, be
 worker publishes receipts ``mandatory`` and a deleted reply queue would make it retry.
 
 Correlation. ``correlation_id`` is the invocation's CID: a resend of the same invocation
-bytes carries the same id, and any response to any copy completes the wait. A response that
-arrives before anyone waits for it (after a reconnect, or for a previous process with the
-same ``client_id``) is kept, boundedly, for a later :meth:`Client.call` or
-:meth:`Client.wait`. Tasks are idempotent (the worker stores one receipt per task and sends
-the same bytes again), so timeouts and resends are safe.
+bytes carries the same id, and any response to any copy completes the wait. The id is
+public (it is in the request) and anyone who can publish to the reply queue can send a
+response carrying it, so only a response holding a receipt for the task that verifies
+(signed by the service) ends the wait; others are noted and the wait goes on until the
+timeout, which then raises :class:`InvalidReceipt` naming what came instead of
+:class:`ReceiptTimeout`. A response that arrives before anyone waits for it (after a
+reconnect, or for a previous process with the same ``client_id``) is kept, boundedly, for a
+later :meth:`Client.call` or :meth:`Client.wait` when it holds a receipt the service signed.
+Tasks are idempotent (the worker stores one receipt per task and sends the same bytes
+again), so timeouts and resends are safe.
 
 Errors::
 
     WorkerError
     └── ClientError          root of the producer's errors; ``name`` is a short token
         ├── ReceiptError     the service answered with an error receipt (``name``, ``message``)
-        ├── InvalidReceipt   a response arrived but its receipt does not verify
+        ├── InvalidReceipt   responses arrived, but none with a receipt for the task that
+        │                    verifies, within the timeout
         ├── ReceiptTimeout   no response within the timeout (after every attempt)
         ├── PublishFailed    the broker did not take the request (returned, nacked, lost)
         └── ProofError       the delegations do not authorize the issuer for the command
@@ -93,6 +99,10 @@ CONNECT_TIMEOUT: Final = 10.0
 PUBLISH_TIMEOUT: Final = 30.0
 #: responses kept for a later call()/wait() when they arrive before anyone waits
 MAX_UNCLAIMED: Final = 10_000
+#: of those, kept per correlation id (newest)
+MAX_UNCLAIMED_PER_ID: Final = 8
+#: problems of responses that did not verify, kept per wait to name in InvalidReceipt
+MAX_PROBLEMS: Final = 3
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -129,7 +139,7 @@ class ReceiptError(ClientError):
 
 
 class InvalidReceipt(ClientError):
-    """A response arrived but holds no receipt for the task that verifies."""
+    """Responses arrived but none holds a receipt for the task that verifies."""
 
     name = "InvalidReceipt"
 
@@ -386,13 +396,26 @@ def reply_queue_name(queue: str, client_id: str) -> str:
 
 
 class _Waiter:
-    """One pending wait for a response: shared by every copy of one invocation."""
+    """One pending wait for a verified receipt: shared by every copy of one invocation.
 
-    __slots__ = ("future", "users")
+    ``future`` completes with the first response holding a receipt for the task that
+    verifies (an :class:`Outcome`, or a :class:`ReceiptError`); responses that do not verify
+    are counted, and the first few problems kept, for :class:`InvalidReceipt`.
+    """
 
-    def __init__(self, future: asyncio.Future[bytes]) -> None:
+    __slots__ = ("future", "invalid", "problems", "request", "users")
+
+    def __init__(self, request: SignedRequest, future: asyncio.Future[Outcome]) -> None:
+        self.request = request
         self.future = future
         self.users = 0
+        self.invalid = 0
+        self.problems: list[str] = []
+
+    def reject(self, problem: str) -> None:
+        self.invalid += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(problem)
 
 
 class Client:
@@ -461,8 +484,9 @@ class Client:
         self._replies: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._waiters: dict[str, _Waiter] = {}
-        #: responses that arrived before anyone waited for them, oldest first
-        self._unclaimed: OrderedDict[str, bytes] = OrderedDict()
+        #: responses that arrived before anyone waited for them, by correlation id, oldest
+        #: id first
+        self._unclaimed: OrderedDict[str, list[bytes]] = OrderedDict()
 
     # -- lifecycle --
 
@@ -593,13 +617,14 @@ class Client:
 
         Raises:
             ReceiptError: the receipt is an error; ``.name`` and ``.message`` are its own.
-            InvalidReceipt: the response does not hold a receipt that verifies.
+            InvalidReceipt: responses came, but none held a receipt for the task that
+                verifies, after ``attempts`` publishes (a response that does not verify
+                never ends the wait: anyone who can publish to the reply queue can send one).
             ReceiptTimeout: nothing arrived after ``attempts`` publishes.
             PublishFailed: the broker did not take it.
         """
         timeout = self.timeout if timeout is None else timeout
-        body = await self._await_reply(request, timeout, max(1, attempts), publish=True)
-        return verify_response(request, body, service_did=self.service_did, resolver=self.resolver)
+        return await self._await_reply(request, timeout, max(1, attempts), publish=True)
 
     async def wait(
         self,
@@ -616,8 +641,7 @@ class Client:
             ReceiptError, InvalidReceipt, ReceiptTimeout: as :meth:`call`.
         """
         timeout = self.timeout if timeout is None else timeout
-        body = await self._await_reply(request, timeout, 1, publish=False)
-        return verify_response(request, body, service_did=self.service_did, resolver=self.resolver)
+        return await self._await_reply(request, timeout, 1, publish=False)
 
     async def _await_reply(
         self,
@@ -626,20 +650,21 @@ class Client:
         attempts: int,
         *,
         publish: bool,
-    ) -> bytes:
+    ) -> Outcome:
         key = str(request.cid)
-        early = self._unclaimed.pop(key, None)
-        if early is not None:
-            return early
         waiter = self._waiters.get(key)
         if waiter is None:
-            waiter = _Waiter(asyncio.get_running_loop().create_future())
+            waiter = _Waiter(request, asyncio.get_running_loop().create_future())
             self._waiters[key] = waiter
+        for body in self._unclaimed.pop(key, ()):
+            self._offer(waiter, body)
         waiter.users += 1
+        published = 0
         try:
             for _ in range(attempts):
                 if publish and not waiter.future.done():
                     await self.publish(request)
+                    published += 1
                 try:
                     # shield: a timeout must not cancel the future other copies may share
                     return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
@@ -649,9 +674,41 @@ class Client:
             waiter.users -= 1
             if waiter.users == 0 and self._waiters.get(key) is waiter:
                 del self._waiters[key]
-        raise ReceiptTimeout(
-            f"cannot get a receipt for task {request.task}: none within {timeout:g} s "
-            + (f"after {attempts} publish(es)" if publish else "(not published again)")
+        waited = f"within {timeout:g} s " + (
+            f"after {published} publish(es)" if publish else "(not published again)"
+        )
+        if waiter.invalid:
+            raise InvalidReceipt(
+                f"cannot get a verified receipt for task {request.task} {waited}: "
+                f"{waiter.invalid} response(s) with its correlation id did not verify: "
+                + "; ".join(waiter.problems)
+            )
+        raise ReceiptTimeout(f"cannot get a receipt for task {request.task}: none {waited}")
+
+    def _offer(self, waiter: _Waiter, body: bytes) -> None:
+        """Complete ``waiter`` with ``body`` if it holds a verifying receipt for its task;
+        otherwise note why not and let the wait go on."""
+        if waiter.future.done():
+            return
+        try:
+            outcome = verify_response(
+                waiter.request, body, service_did=self.service_did, resolver=self.resolver
+            )
+        except ReceiptError as exc:  # verified: the service's own answer
+            waiter.future.set_exception(exc)
+        except InvalidReceipt as exc:
+            waiter.reject(exc.message)
+        else:
+            waiter.future.set_result(outcome)
+
+    def _signed_by_service(self, body: bytes) -> bool:
+        """Whether ``body`` holds a receipt the service signed (worth keeping for later)."""
+        try:
+            response = decode_request(body, max_size=16 << 20)
+        except DecodeError:
+            return False
+        return any(
+            _receipt_problem(r, self.service_did, self.resolver) is None for r in response.receipts
         )
 
     async def add_customer(
@@ -676,13 +733,16 @@ class Client:
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         key = message.correlation_id or ""
         waiter = self._waiters.get(key)
-        if waiter is not None and not waiter.future.done():
-            waiter.future.set_result(message.body)
-        elif key and waiter is None:
+        if waiter is not None:
+            self._offer(waiter, message.body)
+        elif key and self._signed_by_service(message.body):
             # nobody waits yet (a reply from before a restart with this client_id, or one
             # that beat wait()): keep it for a later call()/wait(), boundedly; a resend of
-            # its invocation would get the same receipt again anyway
-            self._unclaimed[key] = message.body
+            # its invocation would get the same receipt again anyway. What the service did
+            # not sign is dropped: it could never end a wait.
+            kept = self._unclaimed.setdefault(key, [])
+            kept.append(message.body)
+            del kept[:-MAX_UNCLAIMED_PER_ID]
             self._unclaimed.move_to_end(key)
             while len(self._unclaimed) > MAX_UNCLAIMED:
                 self._unclaimed.popitem(last=False)

@@ -1,5 +1,6 @@
 """``enqueue``: one ``/customer/add`` (``--customer`` ...) or many (``--from FILE``), over
-:mod:`worker.produce.client`.
+:mod:`worker.produce.client`; or, with ``--out FILE``, the signed request written to a file
+(:mod:`worker.produce.offline`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from worker.produce.client import (
     build_customer_add,
     load_proofs,
 )
+from worker.produce.offline import check_out, write_request
 from worker.produce.options import check_did, parse_details, write_atomically
 from worker.ucan import (
     Delegation,
@@ -110,6 +112,8 @@ def enqueue_main(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--timeout, --concurrency and --attempts must be positive")
     if args.expires_in is not None and args.expires_in <= 0:
         raise ConfigError(f"--expires-in: expected a positive number, got {args.expires_in}")
+    if args.out:
+        check_out(args)
     if args.receipt and not args.wait:
         raise ConfigError("--receipt needs --wait")
     if args.from_file:
@@ -142,7 +146,31 @@ def enqueue_main(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     setup = _setup(args)
+    if args.out:
+        return _write(args, settings, setup, registration)
     return asyncio.run(_single(args, settings, setup, registration))
+
+
+def _write(
+    args: argparse.Namespace, settings: Settings, setup: _Setup, registration: CustomerAdd
+) -> int:
+    """``--out FILE``: sign as :meth:`Client.build` would and write the body; no broker."""
+    request = build_customer_add(
+        setup.signer,
+        setup.service,
+        registration,
+        proofs=setup.proofs,
+        lifetime=args.expires_in,
+    )
+    written = write_request(args.out, request)
+    if args.json:
+        record = outcome_record(None, registration.customer, request, None)
+        del record["line"]
+        record["ok"] = None  # not sent: no outcome yet
+        print(json.dumps({**record, **written.to_json()}))
+    else:
+        print(written.line(settings.queue))
+    return EXIT_OK
 
 
 async def _single(

@@ -1,15 +1,18 @@
-"""``keygen`` and ``delegate``: new identities, and delegations signed with a key."""
+"""``keygen``, ``did`` and ``delegate``: new identities, the DID a key signs as, and
+delegations signed with a key."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Final
 
 from worker.config import Settings
 from worker.errors import EXIT_OK, ConfigError
-from worker.keyfile import read_key
+from worker.keyfile import find_service_key, read_key
 from worker.produce.options import check_command, check_did, policy_statements, write_atomically
 from worker.ucan import (
     CID,
@@ -17,6 +20,12 @@ from worker.ucan import (
     encode_container,
     encode_delegation,
 )
+
+#: seconds a delegation lives unless ``--expires-in`` or ``--no-expiry`` says otherwise: a
+#: year. There is no revocation (SECURITY.md), so ``exp`` is the only bound on what a leaked
+#: holder key (Hilt's) can do with its chain; a year is short enough to bound that and long
+#: enough that re-delegating is a yearly routine rather than a frequent outage risk.
+DEFAULT_DELEGATION_LIFETIME: Final = 365 * 24 * 3600
 
 
 def keygen_main(args: argparse.Namespace, settings: Settings) -> int:
@@ -27,6 +36,43 @@ def keygen_main(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(f"did: {signer.did}")
         print(f"key: {signer.export()}")
+    return EXIT_OK
+
+
+def did_main(args: argparse.Namespace, settings: Settings) -> int:
+    """``did``: the DID a key signs as, so a producer can be told what ``--service`` is.
+
+    With ``--key``, that key's did:key. Without it, the service's: its key found as ``run``
+    finds it (``FORGE_WORKER_SERVICE_KEY``, ``FORGE_WORKER_SERVICE_KEY_FILE``, else
+    ``.forge-worker/service.key``), acting as ``FORGE_WORKER_SERVICE_DID`` when set. A
+    development key is never created here: with none, a usage error (exit 2). The key itself
+    is never printed. Text: the DID alone on standard output (for ``$(...)``), and when it is
+    not the key's own did:key, that did:key on standard error.
+    """
+    if args.key is not None:
+        signer = read_key(args.key)
+        note = None
+    else:
+        service = find_service_key(settings)
+        signer = service.signer
+        note = (
+            f"a development key ({service.path}): configure FORGE_WORKER_SERVICE_KEY(_FILE) "
+            "for production"
+            if service.source == "development"
+            else None
+        )
+    if args.json:
+        print(json.dumps({"did": signer.did, "key_did": signer.key_did}))
+    else:
+        print(signer.did)
+        if signer.did != signer.key_did:
+            print(
+                f"forge-worker did: signs with the key of {signer.key_did} (producers verify "
+                "its receipts with --service-key-did)",
+                file=sys.stderr,
+            )
+    if note is not None:
+        print(f"forge-worker did: {note}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -41,8 +87,12 @@ def delegate_main(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if args.expires_in is not None and args.expires_in <= 0:
-        raise ConfigError(f"--expires-in: expected a positive number, got {args.expires_in}")
-    exp = None if args.expires_in is None else int(time.time()) + args.expires_in
+        raise ConfigError(
+            f"--expires-in: expected a positive number, got {args.expires_in} "
+            "(--no-expiry for a delegation that never expires)"
+        )
+    lifetime = DEFAULT_DELEGATION_LIFETIME if args.expires_in is None else args.expires_in
+    exp = None if args.no_expiry else int(time.time()) + lifetime
     token = encode_delegation(
         signer,
         aud=audience,
