@@ -19,7 +19,7 @@ import pytest
 
 #: fixtures every room's tests share: the protocol fixtures' principals and a Hilt-style
 #: request (tests/support/principals.py), the in-process worker and its requester (worker.py)
-pytest_plugins = ["tests.support.principals", "tests.support.worker"]
+pytest_plugins = ["tests.support.principals", "tests.support.worker", "tests.support.directory"]
 
 ROOT = Path(__file__).resolve().parent.parent
 #: ``../shared`` beside the checkout (CI puts it there); FORGE_WORKER_SHARED overrides
