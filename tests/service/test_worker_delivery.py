@@ -374,3 +374,69 @@ async def test_readiness_turns_false_while_deliveries_stop_being_settled(
     await requester.next(reply_to)
     await asyncio.wait_for(consumer.idle.wait(), timeout=10)
     assert (await check_readiness(worker.health)).ready
+
+
+@pytest.mark.parametrize("how", ["attempt-header", "missing-reply-queue"])
+async def test_refused_work_writes_nothing(
+    worker: App, requester: Requester, service: Signer, database_url: str, how: str
+) -> None:
+    """300 expired invocations in one message, with a publisher-set attempt header or a
+    reply_to naming a missing queue (a retry): each answered Expired, no row anywhere. Before
+    the fix each wrote its own first-arrival row."""
+    assert worker.consumer is not None
+    past = int(time.time()) - 600
+    body = container(*(invocation(service, service.did, exp=past) for _ in range(300)))
+    if how == "attempt-header":
+        reply_to = await requester.reply_queue()
+        await requester.publish(body, reply_to=reply_to, headers={topology.H_ATTEMPT: 1})
+        receipts = receipts_of((await requester.next(reply_to)).body)
+        assert len(receipts) == 300
+        assert {r.error["name"] for r in receipts if r.error} == {"Expired"}
+    else:
+        await requester.publish(body, reply_to=f"{worker.settings.queue}.nobody-listens")
+        await worker.consumer.wait_for("retried")
+        await asyncio.wait_for(worker.consumer.idle.wait(), timeout=10)
+    for table in ("arrivals", "receipts"):
+        assert await fetch(database_url, f"SELECT 1 FROM forge_worker.{table}") == []
+
+
+async def test_the_proofs_of_a_late_invocation_are_found_without_a_scan(
+    worker: App, requester: Requester, service: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-checking time bounds found each invocation's proofs by scanning the batch's jobs
+    with dataclass equality: quadratic, 2.5 s for one 1 MiB message inside an open
+    transaction. Each job now carries its proofs."""
+    from worker.service import jobs
+
+    compared = 0
+    real_eq = jobs.Job.__eq__
+
+    def counting_eq(self: Any, other: Any) -> Any:
+        nonlocal compared
+        compared += 1
+        return real_eq(self, other)
+
+    monkeypatch.setattr(jobs.Job, "__eq__", counting_eq)
+    past = int(time.time()) - 600
+    body = container(*(invocation(service, service.did, exp=past) for _ in range(500)))
+    reply_to = await requester.reply_queue()
+    # an attempt header makes the worker re-check time bounds as of first arrivals
+    await requester.publish(body, reply_to=reply_to, headers={topology.H_ATTEMPT: 1})
+    assert len(receipts_of((await requester.next(reply_to)).body)) == 500
+    assert compared == 0
+
+
+async def test_first_arrivals_older_than_thirty_days_are_pruned(database_url: str) -> None:
+    pool = await store.create_pool(database_url)
+    try:
+        async with pool.acquire() as conn:
+            await store.migrate(conn)
+            await conn.execute(
+                "INSERT INTO forge_worker.arrivals VALUES ('old', now() - interval '31 days'),"
+                " ('recent', now() - interval '29 days')"
+            )
+        assert await store.prune_arrivals(pool) == 1
+        rows = await pool.fetch("SELECT invocation_cid FROM forge_worker.arrivals")
+        assert [r["invocation_cid"] for r in rows] == ["recent"]
+    finally:
+        await pool.close()

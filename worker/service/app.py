@@ -32,6 +32,8 @@ HTTP_HOST: Final = "127.0.0.1"
 #: being ready: longer than the slowest legitimate settle (a batch held DB_HOLD for a lost
 #: database, then its statement's DB_TIMEOUT, its receipts' and its successors' confirms)
 STALL_AFTER: Final = 120.0
+#: seconds between prunings of first arrivals older than store.ARRIVALS_KEPT
+PRUNE_EVERY: Final = 3600.0
 #: seconds between queue-depth polls (worker.service.depth.DepthPoller)
 DEPTH_POLL_INTERVAL: Final = 15.0
 
@@ -132,6 +134,35 @@ async def _stopping_within(
             stragglers.add(leaving)
 
 
+class _Pruner:
+    """Deletes old first arrivals every :data:`PRUNE_EVERY` s while entered (the first
+    time at start); a failure (the database away) waits for the next round."""
+
+    def __init__(self, pool: asyncpg.Pool, log: Any) -> None:
+        self._pool, self._log = pool, log
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                pruned = await store.prune_arrivals(self._pool)
+                if pruned:
+                    self._log.info("arrivals_pruned", rows=pruned)
+            except Exception as exc:  # the database away: the next round tries again
+                self._log.warning("arrivals_prune_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(PRUNE_EVERY)
+
+    async def __aenter__(self) -> _Pruner:
+        self._task = asyncio.create_task(self._run(), name="forge-worker-prune")
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 async def _end_stragglers(stragglers: set[asyncio.Future[Any]]) -> None:
     """After the connection closed: give stuck helpers a moment, then cancel them."""
     if stragglers:
@@ -201,6 +232,9 @@ async def running(
             )
             app.http_port = server.port
             log.info("http_serving", host=HTTP_HOST, port=server.port)
+        await stack.enter_async_context(
+            _stopping_within(_Pruner(app.pool, log), "arrivals_pruner", stragglers)
+        )
         poller = DepthPoller.for_settings(
             app.broker.connection, settings, app.metrics, interval=DEPTH_POLL_INTERVAL
         )

@@ -455,7 +455,7 @@ class Consumer:
                 resolver=job.resolver or self.resolver,
             )
             job.prepared = job.handler.prepare(job.inv, self.ctx)
-            job.error = None
+            job.error, job.validated = None, True
         except (ValidationError, CommandError) as exc:
             job.error = (exc.name, exc.message)
         except Exception as exc:  # a bug hit by this input: refuse it, never its neighbours
@@ -531,7 +531,8 @@ class Consumer:
         for item in live:
             if item.msg.redelivered or item.attempt > 0:
                 for job in item.jobs:
-                    arrivals.setdefault(job.cid, seen)
+                    if job.validated:  # refused work writes nothing
+                        arrivals.setdefault(job.cid, seen)
         return arrivals
 
     def _flushed(self, arrivals: dict[str, datetime]) -> None:
@@ -703,7 +704,8 @@ class Consumer:
                 continue
             if item.failure == "transient":
                 for job in item.jobs:
-                    self._pending_arrivals.setdefault(job.cid, datetime.fromtimestamp(now, UTC))
+                    if job.validated:  # refused work writes nothing
+                        self._pending_arrivals.setdefault(job.cid, datetime.fromtimestamp(now, UTC))
             copies.append((item, *self._successor(item, now)))
         results = await self.broker.publish_many([out for _, out, _ in copies])
         unsettled: set[int] = set()

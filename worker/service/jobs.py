@@ -30,6 +30,9 @@ class Job:
     ok: object = None
     #: its outcome came from its handler's database checks (undone with a rolled-back batch)
     decided: bool = False
+    #: it passed validation (signature, time, chain, policy) and its handler's own checks:
+    #: only then is its first arrival recorded (refused work writes nothing)
+    validated: bool = False
     receipt: bytes | None = None
     duplicate: bool = False
 

@@ -8,7 +8,7 @@ import contextlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
 
@@ -70,6 +70,14 @@ INSERT_ARRIVALS: Final = f"""
 INSERT INTO {SCHEMA}.arrivals (invocation_cid, first_seen_at)
 SELECT c, a FROM unnest($1::text[], $2::timestamptz[]) AS u(c, a) ORDER BY c
 ON CONFLICT (invocation_cid) DO NOTHING
+"""
+#: how long a first arrival is kept: the time bounds of a retried or replayed invocation are
+#: checked as of it, so it must outlive the retry tiers (13 minutes by default) and the time
+#: an operator may take to replay a dead letter; 30 days, after which a replay is timed as of
+#: the replay (and an expired invocation is refused ``Expired``)
+ARRIVALS_KEPT: Final = timedelta(days=30)
+PRUNE_ARRIVALS: Final = f"""
+DELETE FROM {SCHEMA}.arrivals WHERE first_seen_at < now() - $1::interval
 """
 SELECT_ARRIVALS: Final = f"""
 SELECT invocation_cid, first_seen_at FROM {SCHEMA}.arrivals WHERE invocation_cid = ANY($1::text[])
@@ -232,6 +240,13 @@ async def first_arrivals(
     """Invocation CID -> first arrival, for those recorded."""
     rows = await conn.fetch(SELECT_ARRIVALS, list(invocation_cids))
     return {r["invocation_cid"]: r["first_seen_at"] for r in rows}
+
+
+async def prune_arrivals(pool: asyncpg.Pool, kept: timedelta = ARRIVALS_KEPT) -> int:
+    """Delete first arrivals older than ``kept``; returns how many."""
+    async with pool.acquire() as conn:
+        status: str = await conn.execute(PRUNE_ARRIVALS, kept)
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def ping(pool: asyncpg.Pool, within: float = 2.0) -> bool:
