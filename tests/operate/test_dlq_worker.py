@@ -10,13 +10,15 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from tests.support.worker import Requester, invocation, receipts_of, task_of
+from tests.support.proxy import Proxy
+from tests.support.worker import QueueCleanup, Requester, invocation, receipts_of, task_of
 from worker import cli
 from worker.amqp import topology
 from worker.config import Settings
@@ -230,3 +232,63 @@ async def test_status_verdict_against_a_running_worker(
     assert await asyncio.to_thread(cli.main, argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == f"1 dead letter waiting: forge-worker dlq list --queue {settings.queue}"
+
+
+async def test_a_replayed_old_registration_never_rolls_a_customer_back(
+    worker_settings: Settings,
+    queue_cleanup: QueueCleanup,
+    requester: Requester,
+    service: Signer,
+    amqp: AbstractRobustConnection,
+    database_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A /customer/add dead-lettered during a database outage (connections cut and refused
+    through the fault proxy) and replayed after a newer registration of the same customer
+    executed is answered ok and changes nothing: the newer state stays."""
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", worker_settings.amqp_url)
+    customer = "did:plc:norollback00000000000001"
+    port = urlsplit(database_url).port
+    assert port is not None
+    async with Proxy(port) as pg:
+        settings = queue_cleanup.track(
+            dataclasses.replace(
+                worker_settings, database_url=pg.url(database_url), retry_delays=(1,)
+            )
+        )
+        async with running(settings) as app:
+            assert app.consumer is not None
+            app.consumer.db_hold = 0.3  # give up on the database quickly: a dead letter
+            reply_to = await requester.reply_queue()
+            pg.refuse()
+            pg.cut()
+            old = invocation(service, service.did, customer=customer, product="did:web:old")
+            await requester.publish(old, reply_to=reply_to, correlation_id="old")
+            await app.consumer.wait_for("dead_lettered")
+            pg.accept()
+            new = invocation(service, service.did, customer=customer, product="did:web:new")
+            await requester.publish(new, reply_to=reply_to, correlation_id="new")
+            assert (await requester.next(reply_to)).correlation_id == "new"
+
+            code = await asyncio.to_thread(
+                cli.main,
+                ["dlq", "replay", "--all", "--json", "--database-url", database_url,
+                 "--queue", settings.queue],
+            )  # fmt: skip
+            assert code == 0
+            capsys.readouterr()
+            response = await requester.next(reply_to)
+            assert response.correlation_id == "old"
+            [receipt] = receipts_of(response.body)
+            assert receipt.ok == {}, receipt.error  # registered: with newer details
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT product FROM public.customer WHERE customer = $1", customer
+        )
+        arrivals = await conn.fetchval("SELECT count(*) FROM forge_worker.arrivals")
+    finally:
+        await conn.close()
+    assert row is not None and row["product"] == "did:web:new"
+    assert arrivals == 1  # the old registration's first arrival, recorded when it was retried

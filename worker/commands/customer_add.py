@@ -18,23 +18,42 @@ decide = None
 
 #: Runs in the batch's one statement, after the receipt ledger's insert (``claimed`` holds
 #: the tasks it inserted): the customers of those tasks only, one row per customer, equal to
-#: applying them in message order (``ord``): product and details those of the last,
-#: external_account the last one given (kept when none is), inserted_at kept, updated_at
-#: set. Rows are sorted by customer so that concurrent workers lock them in the same order
-#: and cannot deadlock. ``{0}``… are this statement's parameters (see ``effect_args``).
+#: applying them in the order they first arrived, then in message order (``ord``): product
+#: and details those of the last, external_account the last one given (kept when none is),
+#: inserted_at kept, updated_at set.
+#:
+#: A registration never rolls a customer back: a task is as old as its first arrival
+#: (``arrived``: recorded for retried, redelivered and replayed tasks; a fresh one arrives
+#: now), and it changes a row only if it is not older than the row's last change
+#: (``updated_at``). So a registration dead-lettered during an outage and replayed after a
+#: newer one executed is answered ``{ok: {}}`` and changes nothing: the customer is
+#: registered, with newer details. ``updated_at`` of a new row is its registration's first
+#: arrival. The comparison sits in ``ON CONFLICT ... WHERE``, which Postgres evaluates on
+#: the row as it is once locked, so a concurrent worker's newer change is never overwritten.
+#: Rows are sorted by customer so that concurrent workers lock them in the same order and
+#: cannot deadlock. ``{0}``… are this statement's parameters (see ``effect_args``).
 EFFECT: Final = """
 INSERT INTO public.customer AS c
     (customer, external_account, product, details, inserted_at, updated_at)
-SELECT m.customer, m.external_account, m.product, m.details, now(), now()
+SELECT m.customer, m.external_account, m.product, m.details, now(), m.arrived
 FROM (
     SELECT u.customer,
-        (array_agg(u.product ORDER BY u.ord DESC))[1] AS product,
-        (array_agg(u.details ORDER BY u.ord DESC))[1] AS details,
-        (array_agg(u.external_account ORDER BY u.ord DESC)
-            FILTER (WHERE u.external_account IS NOT NULL))[1] AS external_account
-    FROM unnest({0}::text[], {1}::text[], {2}::text[], {3}::text[], {4}::jsonb[])
-        WITH ORDINALITY AS u(task, customer, external_account, product, details, ord)
-    WHERE u.task IN (SELECT task_cid FROM claimed)
+        (array_agg(u.product ORDER BY u.at DESC, u.ord DESC))[1] AS product,
+        (array_agg(u.details ORDER BY u.at DESC, u.ord DESC))[1] AS details,
+        (array_agg(u.external_account ORDER BY u.at DESC, u.ord DESC)
+            FILTER (WHERE u.external_account IS NOT NULL))[1] AS external_account,
+        max(u.at) AS arrived
+    FROM (
+        SELECT r.*, COALESCE(a.first_seen_at, now()) AS at
+        FROM unnest({0}::text[], {1}::text[], {2}::text[], {3}::text[], {4}::jsonb[])
+            WITH ORDINALITY AS r(task, customer, external_account, product, details, ord)
+        LEFT JOIN arrived AS a ON a.task_cid = r.task
+        WHERE r.task IN (SELECT task_cid FROM claimed)
+    ) AS u
+    WHERE u.at >= COALESCE(
+        (SELECT k.updated_at FROM public.customer AS k WHERE k.customer = u.customer),
+        '-infinity'
+    )
     GROUP BY u.customer
 ) AS m
 ORDER BY m.customer
@@ -43,6 +62,7 @@ ON CONFLICT (customer) DO UPDATE SET
     details = EXCLUDED.details,
     external_account = COALESCE(EXCLUDED.external_account, c.external_account),
     updated_at = now()
+WHERE c.updated_at IS NULL OR c.updated_at <= EXCLUDED.updated_at
 """
 
 

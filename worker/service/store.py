@@ -54,12 +54,20 @@ SELECT task_cid, receipt, created_at FROM {SCHEMA}.receipts WHERE task_cid = ANY
 #: ``worker.commands``), and return the receipts the ledger held before. The query reads
 #: the snapshot the statement started from, so it never sees the rows its own CTE inserts
 #: (a task is one or the other). One statement is one transaction: no BEGIN or COMMIT.
+#: ``arrived(task_cid, first_seen_at)`` gives effects the recorded first arrival of a task
+#: (only retried, redelivered and replayed ones have one; Postgres evaluates it only for an
+#: effect that reads it).
 _CLAIM_HEAD: Final = f"""
 WITH claimed AS (
     INSERT INTO {SCHEMA}.receipts (task_cid, invocation_cid, receipt)
     SELECT t, i, r FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(t, i, r) ORDER BY t
     ON CONFLICT (task_cid) DO NOTHING
     RETURNING task_cid
+),
+arrived AS (
+    SELECT u.t AS task_cid, a.first_seen_at
+    FROM unnest($1::text[], $2::text[]) AS u(t, i)
+    JOIN {SCHEMA}.arrivals AS a ON a.invocation_cid = u.i
 )"""
 _CLAIM_TAIL: Final = f"""
 SELECT task_cid, NULL::bytea AS receipt, NULL::timestamptz AS created_at FROM claimed
