@@ -707,3 +707,36 @@ async def test_depth_poller_survives_a_broker_cut(amqp_url, channel, settings) -
             assert sample("forge_worker_queue_depth", {"queue": settings.queue}) == 2
         finally:
             await conn.close()
+
+
+async def test_a_dead_letter_the_broker_made_says_the_brokers_reason_not_a_publishers(
+    amqp: aio_pika.abc.AbstractRobustConnection, queue_name: str
+) -> None:
+    """The broker dead-letters a message at its delivery limit as it is: the worker's own
+    headers on it are the publisher's, so the reason, time, attempts and error come from
+    the broker's x-death."""
+    inbox, dlq = queue_name, topology.dead_letter_name(queue_name)
+    ch = await amqp.channel()
+    await ch.declare_queue(dlq, durable=True, arguments=topology.plain_quorum_arguments())
+    q = await ch.declare_queue(
+        inbox, durable=True, arguments=topology.inbox_arguments(inbox, delivery_limit=1)
+    )
+    forged: dict[str, Any] = {
+        topology.H_REASON: "forged",
+        topology.H_DEAD_LETTERED_AT: 1,
+        topology.H_ATTEMPT: 99,
+        topology.H_ERROR: "forged",
+    }
+    await ch.default_exchange.publish(aio_pika.Message(b"x", headers=forged, message_id="m"), inbox)
+    for _ in range(2):  # given back twice: past the limit of 1, the broker dead-letters it
+        msg = await q.get(timeout=5)
+        await msg.nack(requeue=True)
+    found: list[deadletters.DeadLetter] = []
+    async with asyncio.timeout(10):
+        while not found:  # the broker's dead-lettering is asynchronous and says nothing
+            found = await deadletters.read_dead_letters(amqp, dlq)
+    [dead] = found
+    assert dead.reason == "delivery_limit"
+    assert dead.first_death_at is not None and dead.first_death_at.timestamp() > 1
+    assert dead.attempts is None and dead.error is None
+    await ch.close()

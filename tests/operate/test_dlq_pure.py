@@ -49,10 +49,13 @@ def broker_headers(reason: str = "delivery_limit", when: datetime = T0) -> dict[
     }
 
 
-def test_reason_prefers_the_workers_header_then_the_latest_broker_death() -> None:
+def test_reason_is_the_brokers_when_it_dead_lettered_else_the_workers() -> None:
+    # the worker's own dead letter (a copy it published: no x-death)
+    assert deadletters.death_reason({topology.H_REASON: "undecodable"}) == "undecodable"
+    # dead-lettered by the broker: its forge-reason is the publisher's, not the worker's
     assert (
-        deadletters.death_reason({topology.H_REASON: "undecodable", **broker_headers()})
-        == "undecodable"
+        deadletters.death_reason({topology.H_REASON: "forged", **broker_headers()})
+        == broker_headers()["x-death"][0]["reason"]
     )
     # x-death is most recent first: the death that put it in the DLQ, not the first one
     assert deadletters.death_reason(broker_headers("delivery_limit")) == "delivery_limit"
@@ -66,8 +69,9 @@ def test_reason_prefers_the_workers_header_then_the_latest_broker_death() -> Non
 
 def test_first_death_time() -> None:
     assert deadletters.first_death_time(broker_headers()) == T0 - timedelta(minutes=5)
-    own = {topology.H_DEAD_LETTERED_AT: int(T0.timestamp()), **broker_headers()}
-    assert deadletters.first_death_time(own) == T0
+    forged = {topology.H_DEAD_LETTERED_AT: int(T0.timestamp()), **broker_headers()}
+    assert deadletters.first_death_time(forged) == T0 - timedelta(minutes=5)  # the broker's
+    assert deadletters.first_death_time({topology.H_DEAD_LETTERED_AT: int(T0.timestamp())}) == T0
     assert (
         deadletters.first_death_time({topology.H_DEAD_LETTERED_AT: str(int(T0.timestamp()))}) == T0
     )

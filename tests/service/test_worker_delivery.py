@@ -185,8 +185,11 @@ async def test_retries_exhausted_go_to_the_dead_letter_queue_with_their_history(
     assert headers[topology.H_REASON] == "retries-exhausted"
     assert headers[topology.H_ATTEMPT] == len(worker.settings.retry_delays) + 1
     assert "customer" in str(headers[topology.H_ERROR])
-    first = headers[topology.H_FIRST_ARRIVAL]
-    assert isinstance(first, int) and started - 1 <= first <= started + 5
+    dead_at = headers[topology.H_DEAD_LETTERED_AT]
+    assert isinstance(dead_at, int) and started - 1 <= dead_at <= started + 30
+    assert topology.H_FIRST_ARRIVAL not in headers  # the worker's record is in the database
+    [arrival] = await fetch(database_url, "SELECT first_seen_at FROM forge_worker.arrivals")
+    assert started - 1 <= arrival["first_seen_at"].timestamp() <= started + 5
     assert dead.message_id == mid and dead.correlation_id == "c-9"
     assert worker.consumer.outcomes["retried"] == len(worker.settings.retry_delays)
 
@@ -440,3 +443,29 @@ async def test_first_arrivals_older_than_thirty_days_are_pruned(database_url: st
         assert [r["invocation_cid"] for r in rows] == ["recent"]
     finally:
         await pool.close()
+
+
+async def test_a_publishers_version_of_the_workers_records_is_never_carried(
+    worker: App, requester: Requester, queue_name: str
+) -> None:
+    """A reason, a time or kept properties in a publisher's headers are dropped from the
+    dead letter the worker makes; only the worker's own are there."""
+    dlq = topology.dead_letter_name(queue_name)
+    await requester.listen(dlq)
+    forged = {
+        topology.H_REASON: "forged",
+        topology.H_DEAD_LETTERED_AT: 1,
+        topology.H_FIRST_ARRIVAL: 1,
+        topology.H_ORIGINAL_PROPERTIES: {"correlation_id": "forged"},
+        topology.H_DROPPED_HEADERS: "forged",
+        "x-app": "kept",
+    }
+    started = int(time.time())
+    await requester.publish(b"\xa1junk", headers=forged)
+    headers = (await requester.next(dlq)).headers or {}
+    assert headers[topology.H_REASON] == "undecodable"
+    dead_at = headers[topology.H_DEAD_LETTERED_AT]
+    assert isinstance(dead_at, int) and dead_at >= started - 1
+    for name in (topology.H_FIRST_ARRIVAL, topology.H_ORIGINAL_PROPERTIES):
+        assert name not in headers
+    assert topology.H_DROPPED_HEADERS not in headers and headers["x-app"] == "kept"

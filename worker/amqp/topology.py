@@ -23,7 +23,8 @@ CONTENT_TYPE: Final = "application/vnd.ipld.dag-cbor"
 # --- the worker's own headers (never x-: RabbitMQ 4 ignores client-set x-death) ---
 #: attempts made so far by the worker (int); absent on a first delivery
 H_ATTEMPT: Final = "forge-attempt"
-#: unix seconds when the worker first saw this message (int)
+#: no longer written: a message's first arrival is the worker's record in
+#: ``forge_worker.arrivals``, never a header (a publisher's is dropped from every copy)
 H_FIRST_ARRIVAL: Final = "forge-first-arrival"
 #: why the message was dead-lettered: undecodable, retries-exhausted, delivery-limit, ...
 H_REASON: Final = "forge-reason"
@@ -42,6 +43,22 @@ H_REPLAYED_AT: Final = "forge-replayed-at"
 H_ORIGINAL_PROPERTIES: Final = "forge-original-properties"
 #: why the publisher's headers were left out of a dead letter (they could not be written)
 H_DROPPED_HEADERS: Final = "forge-dropped-headers"
+
+
+#: the headers that record what the worker did to a message: only the worker writes them
+#: (a copy drops a publisher's), and the operator's tools read them only on the worker's own
+#: dead letters (never on one the broker dead-lettered, whose headers are the publisher's)
+WORKER_RECORDS: Final = frozenset(
+    {
+        H_FIRST_ARRIVAL,
+        H_REASON,
+        H_ERROR,
+        H_DEAD_LETTERED_AT,
+        H_ORIGIN_QUEUE,
+        H_ORIGINAL_PROPERTIES,
+        H_DROPPED_HEADERS,
+    }
+)
 
 
 #: the broker's reserved namespace: no client queue is named so, and a forged direct

@@ -179,17 +179,31 @@ def _x_deaths(headers: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [d for d in deaths if isinstance(d, Mapping)]
 
 
-def death_reason(headers: Mapping[str, Any]) -> str:
-    """Why a message was dead-lettered: the worker's own header, else the broker's.
+def by_broker(headers: Mapping[str, Any]) -> bool:
+    """Whether the broker dead-lettered this message (it wrote ``x-death``): then the
+    worker's ``forge-*`` headers on it are the publisher's, not the worker's (the worker's
+    own dead letters are copies it publishes, which never carry ``x-death``)."""
+    return bool(
+        _x_deaths(headers)
+        or headers.get("x-last-death-reason")
+        or headers.get("x-first-death-reason")
+    )
 
-    The broker's reasons are ``rejected``, ``expired``, ``maxlen`` and ``delivery_limit``;
-    the latest death is the one that put the message in the dead-letter queue.
-    """
+
+def _ours(headers: Mapping[str, Any], name: str) -> Any:
+    """One of the worker's own headers, unless a publisher wrote it (see :func:`by_broker`)."""
+    return None if by_broker(headers) else headers.get(name)
+
+
+def death_reason(headers: Mapping[str, Any]) -> str:
+    """Why a message was dead-lettered: the broker's reason when the broker dead-lettered it
+    (``rejected``, ``expired``, ``maxlen``, ``delivery_limit``; the latest death is the one
+    that put it in the dead-letter queue), else the worker's own header."""
     for value in (
-        headers.get(topology.H_REASON),
         headers.get("x-last-death-reason"),
         next((d.get("reason") for d in _x_deaths(headers)), None),
         headers.get("x-first-death-reason"),
+        _ours(headers, topology.H_REASON),
     ):
         text = _as_text(value)
         if text:
@@ -198,13 +212,13 @@ def death_reason(headers: Mapping[str, Any]) -> str:
 
 
 def first_death_time(headers: Mapping[str, Any]) -> datetime | None:
-    """When the message was first dead-lettered: the worker's header, else the earliest
-    ``x-death`` time (each entry's time is the first for its queue and reason)."""
-    own = _as_datetime(headers.get(topology.H_DEAD_LETTERED_AT))
-    if own is not None:
-        return own
+    """When the message was first dead-lettered: the earliest ``x-death`` time when the
+    broker dead-lettered it (each entry's time is the first for its queue and reason), else
+    the worker's own header."""
     times = [t for t in (_as_datetime(d.get("time")) for d in _x_deaths(headers)) if t]
-    return min(times) if times else None
+    if times:
+        return min(times)
+    return _as_datetime(_ours(headers, topology.H_DEAD_LETTERED_AT))
 
 
 def dead_letter_id(message_id: str | None, body: bytes, first_death: datetime | None) -> str:
@@ -257,10 +271,10 @@ def describe(message: AbstractMessage, *, max_size: int = 1 << 20) -> DeadLetter
         id=dead_letter_id(message.message_id, message.body, first),
         reason=death_reason(headers),
         first_death_at=first,
-        attempts=as_int(headers.get(topology.H_ATTEMPT)),
-        origin_queue=_as_text(headers.get(topology.H_ORIGIN_QUEUE))
+        attempts=as_int(_ours(headers, topology.H_ATTEMPT)),
+        origin_queue=_as_text(_ours(headers, topology.H_ORIGIN_QUEUE))
         or _as_text(headers.get("x-first-death-queue")),
-        error=_as_text(headers.get(topology.H_ERROR)),
+        error=_as_text(_ours(headers, topology.H_ERROR)),
         message_id=message.message_id,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,

@@ -124,7 +124,12 @@ class Outgoing:
 
 def copy_of(msg: Incoming, routing_key: str, headers: Mapping[str, Any]) -> Outgoing:
     """A copy of ``msg`` for ``routing_key`` keeping its properties, with ``headers`` added."""
-    merged = {**(msg.headers or {}), **headers}
+    merged = dict(msg.headers or {})
+    # the worker's own records are written by the worker alone: a publisher's versions of
+    # them (a reason, a time, kept properties) are dropped, never carried into a copy
+    for name in topology.WORKER_RECORDS:
+        merged.pop(name, None)
+    merged.update(headers)
     # the broker's own death history is not ours to forward: it would grow with each hop
     merged.pop("x-death", None)
     for name in ("x-first-death-exchange", "x-first-death-queue", "x-first-death-reason"):

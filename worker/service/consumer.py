@@ -740,10 +740,8 @@ class Consumer:
         a dead letter with those left out (:func:`worker.service.broker.safe_copy_of`)."""
         msg, q = item.msg, self.settings.queue
         attempts = item.attempt + 1
-        first = (msg.headers or {}).get(topology.H_FIRST_ARRIVAL)
         headers: dict[str, Any] = {
             topology.H_ATTEMPT: attempts,
-            topology.H_FIRST_ARRIVAL: first if isinstance(first, int) else int(now),
             topology.H_ERROR: item.error[:500],
             topology.H_ORIGIN_QUEUE: q,
         }
