@@ -27,6 +27,10 @@ Cases:
   selector   30 ``["any", ".l[][]", ["==", ".", 2]]`` over 1,000 lists of 900 integers
   equal      30 ``["all", ".l", ["==", ".", V]]``, V 10 lists of 1,000 integers, ``.l``
              10 copies of V (deep equality walks what the step count does not see)
+  render     a failing ``["==", ".a", L]``, L 900,000 integers: the error names it
+  maxpattern the costliest pattern per step found that stays within the pattern cap
+             (4 classes spanning the BMP, ~8,700 steps), then 1,000 cheap statements
+  statements 6,000 ``["==", ".a", 1]``: the cheapest statements, as many as fit
   normal     Hilt's ``["like", ".product", "did:web:*"]`` and two more usual statements,
              warm: the CPU time of one validation (mean over many)
   flood      1,100 different self-signed 4 KiB delegations of empty maps, each decoded
@@ -52,7 +56,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 NOW = 1_767_225_600
-CASES = ("normal", "attack", "classes", "scan", "variants", "selector", "equal", "flood")
+CASES = (
+    "normal", "attack", "classes", "scan", "variants", "selector", "equal", "render",
+    "maxpattern", "statements", "flood",
+)  # fmt: skip
 
 
 def _pattern(rnd: random.Random, size: int = 4096, groups: int = 8, filler: str = "") -> str:
@@ -71,6 +78,33 @@ def _rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def _hostile(name: str, rnd: random.Random) -> tuple[list[Any], dict[str, Any]]:
+    """The policy and args of a hostile case."""
+    if name == "attack":
+        return [["not", ["like", ".x", _pattern(rnd)]] for _ in range(30)], {"x": "hello"}
+    if name == "classes":
+        return [["like", ".x", _pattern(rnd, filler="[\x00-\uffff]" * 100)]], {"x": "hello"}
+    if name == "scan":
+        return [["like", ".x", "*" + "?" * 4000 + "b*"]], {"x": "a" * 900_000}
+    if name == "variants":
+        return [["like", ".x", "*" + "{?,[a]}" * 8 + "?" * 16 + "b*"]], {"x": "a" * 900_000}
+    if name == "selector":
+        return [["any", ".l[][]", ["==", ".", 2]]] * 30, {"l": [[1] * 900 for _ in range(1000)]}
+    if name == "equal":
+        v = [[i % 24 for i in range(1000)] for _ in range(10)]
+        return [["all", ".l", ["==", ".", v]]] * 30, {"l": [v] * 10}
+    if name == "render":
+        return [["==", ".a", [i % 24 for i in range(900_000)]]], {"a": 1}
+    if name == "maxpattern":
+        # the most CPU per step found (~1 µs): classes spanning the BMP, as many as the
+        # pattern cap allows, then the cheapest statements for the rest of the budget
+        pol = [["like", ".x", "[\x00-\uffff]" * 4 + "*"]] + [["==", ".a", 1]] * 1000
+        return pol, {"x": "abcd", "a": 1}
+    if name == "statements":
+        return [["==", ".a", 1]] * 6000, {"a": 1}
+    raise SystemExit(f"unknown case {name}")
 
 
 def _case(name: str) -> dict[str, Any]:
@@ -152,27 +186,7 @@ def _case(name: str) -> dict[str, Any]:
         out["token_bytes"] = len(raw)
         out["retained_mib"] = round((_rss_kib() - base) / 1024, 1)
     else:
-        if name == "attack":
-            pol = [["not", ["like", ".x", _pattern(rnd)]] for _ in range(30)]
-            args = {"x": "hello"}
-        elif name == "classes":
-            pol = [["like", ".x", _pattern(rnd, filler="[\x00-\uffff]" * 100)]]
-            args = {"x": "hello"}
-        elif name == "scan":
-            pol = [["like", ".x", "*" + "?" * 4000 + "b*"]]
-            args = {"x": "a" * 900_000}
-        elif name == "variants":
-            pol = [["like", ".x", "*" + "{?,[a]}" * 8 + "?" * 16 + "b*"]]
-            args = {"x": "a" * 900_000}
-        elif name == "selector":
-            pol = [["any", ".l[][]", ["==", ".", 2]]] * 30
-            args = {"l": [[1] * 900 for _ in range(1000)]}
-        elif name == "equal":
-            v = [[i % 24 for i in range(1000)] for _ in range(10)]
-            pol = [["all", ".l", ["==", ".", v]]] * 30
-            args = {"l": [v] * 10}
-        else:
-            raise SystemExit(f"unknown case {name}")
+        pol, args = _hostile(name, rnd)
         inv, proofs = build(pol, args)
         seconds, outcome = once(inv, proofs)
         out["cpu_ms"] = round(seconds * 1e3, 1)
