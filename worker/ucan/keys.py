@@ -21,6 +21,9 @@ ED25519_PUB: Final = b"\xed\x01"
 ED25519_PRIV: Final = b"\x80\x26"
 _DID_KEY: Final = "did:key:z"
 _CACHE_SIZE: Final = 4096
+#: the longest DID whose resolution is cached: issuers are looked up before any signature
+#: is checked and may be 2,048 characters; a did:key is under 64
+_CACHE_DID_MAX: Final = 128
 
 
 def did_key(public_key: bytes) -> str:
@@ -158,7 +161,8 @@ class Resolver:
             found = (nacl.signing.VerifyKey(did_key_public(did)),)
         except (DecodeError, ValueError):
             found = ()
-        self._cache[did] = found
+        if len(did) <= _CACHE_DID_MAX:
+            self._cache[did] = found
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return found
