@@ -1,8 +1,9 @@
 """What one invocation's policy can cost the worker: hostile delegations and a normal one.
 
-Run: ``uv run python bench/policy_bench.py [--root TREE] [--label NAME]``. Prints a table
-and merges its figures, under ``NAME`` (default ``current``), into
-``bench/results/policy.json``. Pure CPU, one core, no services.
+Run: ``uv run python bench/policy_bench.py [--root TREE] [--label NAME] [--cases A,B]``.
+Prints a table and merges its figures, under ``NAME`` (default ``current``), into
+``bench/results/policy.json`` (the cases not run keep their last figures). Pure CPU, one
+core, no services.
 
 ``--root`` imports ``worker`` from another checkout (e.g. an export of an older commit:
 ``git archive <commit> worker | tar -x -C /tmp/before``), so the same cases can be
@@ -231,11 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "policy.json"
     doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    kept = doc.get(a.label, {}).get("figures", {})  # a run of some cases keeps the others
     doc[a.label] = {
         "machine": c.machine_info(),
         "root": str(a.root.resolve()),
         "clock": "process CPU time (time.process_time), one validation each",
-        "figures": figures,
+        "figures": {**kept, **figures},
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {path} ({a.label})")
