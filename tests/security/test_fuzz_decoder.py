@@ -476,11 +476,12 @@ def test_huge_selectors_are_refused_fast_and_not_retained() -> None:
             assert len(str(info.value)) < 200
 
 
-def test_huge_like_patterns_match_nothing_and_are_not_cached() -> None:
-    from worker.ucan.policy import GLOB_MAX_LENGTH, _glob, like
+def test_huge_like_patterns_are_refused_and_not_cached() -> None:
+    from worker.ucan.policy import _GLOBS, GLOB_MAX_LENGTH, PatternRefused, like
 
-    before = _glob.cache_info().currsize
+    before = len(_GLOBS)
     pattern = "*" + "a" * GLOB_MAX_LENGTH
-    assert not like(pattern, "a" * (GLOB_MAX_LENGTH + 1))
-    assert _glob.cache_info().currsize == before
+    with pytest.raises(PatternRefused, match="characters long"):
+        like(pattern, "a" * (GLOB_MAX_LENGTH + 1))
+    assert len(_GLOBS) == before
     assert like(pattern[:-1], "a" * GLOB_MAX_LENGTH)

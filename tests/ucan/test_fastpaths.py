@@ -28,6 +28,7 @@ from worker.ucan import (
     Delegation,
     Invocation,
     Receipt,
+    Resolver,
     Signer,
     build_receipt,
     cbor,
@@ -37,6 +38,7 @@ from worker.ucan import (
     encode_container,
     encode_delegation,
     envelope,
+    verify_signature,
 )
 from worker.ucan.cid import b32encode, wrap
 from worker.ucan.receipt import receipt_args
@@ -468,9 +470,16 @@ def test_cid_text_and_wrapped_cids() -> None:
 # -- the delegation cache -----------------------------------------------------------------------
 
 
+def _verified(raw: bytes) -> Any:
+    """Decode a token and check its signature, as validation does (which fills the cache)."""
+    token = decode_token(raw)
+    verify_signature(token, Resolver())
+    return token
+
+
 def test_delegation_cache_gives_what_a_fresh_decode_gives() -> None:
     envelope._DELEGATIONS.clear()
-    first = decode_token(_REQ.delegation)
+    first = _verified(_REQ.delegation)
     assert isinstance(first, Delegation)
     assert envelope._DELEGATIONS[_REQ.delegation] is first
     as_bytearray: Any = bytearray(_REQ.delegation)
@@ -485,7 +494,7 @@ def test_delegation_cache_gives_what_a_fresh_decode_gives() -> None:
 
 def test_delegation_cache_misses_other_bytes() -> None:
     envelope._DELEGATIONS.clear()
-    decode_token(_REQ.delegation)
+    _verified(_REQ.delegation)
     flipped = bytearray(_REQ.delegation)
     flipped[-1] ^= 1  # inside the nonce: another valid delegation
     other = decode_token(bytes(flipped))
@@ -497,15 +506,16 @@ def test_delegation_cache_misses_other_bytes() -> None:
 def test_delegation_cache_is_bounded_and_keeps_what_is_used() -> None:
     envelope._DELEGATIONS.clear()
     alice, bob = _SIGNERS["alice"], _SIGNERS["bob"]
-    hot = decode_token(_REQ.delegation)
+    hot = _verified(_REQ.delegation)
     for i in range(envelope._DELEGATIONS_MAX + 10):
-        decode_token(encode_delegation(alice, aud=bob.did, sub=alice.did, cmd=f"/c/{i}", exp=None))
-        assert decode_token(_REQ.delegation) is hot  # used all along: never evicted
+        _verified(encode_delegation(alice, aud=bob.did, sub=alice.did, cmd=f"/c/{i}", exp=None))
+        assert _verified(_REQ.delegation) is hot  # used all along: never evicted
     assert len(envelope._DELEGATIONS) == envelope._DELEGATIONS_MAX
+    assert envelope._DELEGATIONS.total <= envelope._DELEGATIONS_MAX_FOOTPRINT
     big = encode_delegation(
         alice, aud=bob.did, sub=alice.did, cmd="/big", exp=None, meta={"pad": "x" * 5000}
     )
-    assert isinstance(decode_token(big), Delegation)
+    assert isinstance(_verified(big), Delegation)
     assert big not in envelope._DELEGATIONS
     envelope._DELEGATIONS.clear()
 

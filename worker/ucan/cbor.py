@@ -302,9 +302,23 @@ def encode(value: Any) -> bytes:
     return cbor2.dumps(_canonical(value), default=_encode_default)
 
 
-@lru_cache(maxsize=4096)
 def encode_text(text: str) -> bytes:
-    """The CBOR encoding of one text string (cached: keys, DIDs and commands repeat)."""
+    """The CBOR encoding of one text string (cached when short: keys, DIDs and commands
+    repeat; an invocation's ``sub``, up to 2,048 characters and written before any
+    signature is checked, and error messages need not)."""
+    if len(text) <= _TEXT_CACHED_MAX:
+        return _encode_text_cached(text)
+    b = text.encode()
+    return head(3, len(b)) + b
+
+
+#: the longest text whose encoding is cached: 4,096 entries of at most ~1 KiB each (text
+#: and bytes at 4 bytes a character) where they were up to ~16 KiB
+_TEXT_CACHED_MAX: Final = 128
+
+
+@lru_cache(maxsize=4096)
+def _encode_text_cached(text: str) -> bytes:
     b = text.encode()
     return head(3, len(b)) + b
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from worker.ucan import cbor
+from worker.ucan.bounded import SizedLRU, footprint
 from worker.ucan.cid import CID
 from worker.ucan.errors import DecodeError, ValidationError, quote
 from worker.ucan.keys import Resolver, Signer
@@ -116,14 +117,27 @@ def _new_invocation(values: tuple[Any, ...]) -> Invocation:
 
 
 #: decoded delegations by their bytes: the same proof rides along with many invocations,
-#: and decoding is a pure function of the bytes (treat the values as read-only); least
-#: recently used first, so a flood of new delegations does not evict a busy client's proof
-_DELEGATIONS: Final[dict[bytes, Delegation]] = {}
+#: and decoding is a pure function of the bytes (treat the values as read-only). Kept only
+#: once their signature verified (see :func:`verify_signature`): decoding happens before
+#: any signature check, and anyone can self-sign, so the cache is bounded by the memory
+#: the decoded delegations hold (a 4 KiB token of empty maps decodes to ~280 KiB: 1,024
+#: entries held 278 MiB), least recently used first out. Hilt's (337 bytes) holds ~1.7 KiB
+#: and decodes in ~11 µs, ~0.15 µs from here (bench/ucan_bench.py)
 _DELEGATIONS_MAX: Final = 1024
-#: only small delegations are kept (Hilt's are a few hundred bytes): decoding happens before
-#: any signature check, and a 540 KB delegation decodes to ~7 MiB of objects, so keeping
-#: 1,024 arbitrary ones let anyone who can publish exhaust memory
+_DELEGATIONS_MAX_FOOTPRINT: Final = 4 << 20
+_DELEGATIONS: Final[SizedLRU[bytes, Delegation]] = SizedLRU(
+    _DELEGATIONS_MAX_FOOTPRINT, max_entries=_DELEGATIONS_MAX
+)
+#: only small delegations are kept (Hilt's are a few hundred bytes)
 _DELEGATIONS_MAX_BYTES: Final = 4096
+
+
+def _keep(token: Token) -> None:
+    """Keep a delegation whose signature verified for the next decode of its bytes,
+    accounted by what its decoded values hold (not kept past a sixteenth of the bound)."""
+    raw = token.raw
+    if type(token) is Delegation and len(raw) <= _DELEGATIONS_MAX_BYTES and raw not in _DELEGATIONS:
+        _DELEGATIONS.put(raw, token, footprint(token, _DELEGATIONS.max_entry))
 
 
 def task_cid(cmd: str, sub: str, args_raw: bytes, nonce: bytes) -> CID:
@@ -210,9 +224,8 @@ def decode_token(raw: bytes, *, max_size: int = cbor.MAX_SIZE) -> Invocation | D
         raise DecodeError(f"cannot decode token: {len(raw)} bytes exceeds the limit of {max_size}")
     if not raw or raw[0] != 0x82:
         raise DecodeError("cannot decode token: not a 2-element array [signature, payload]")
-    cached = _DELEGATIONS.pop(raw, None)
+    cached = _DELEGATIONS.get(raw)  # now the most recently used: evicted last
     if cached is not None:
-        _DELEGATIONS[raw] = cached  # most recently used last: evicted last
         return cached
     sig, header, tag, payload = _decode_envelope(raw)
     check_header(header)
@@ -329,7 +342,7 @@ def _split(value: Any) -> tuple[bytes, bytes, str, dict[str, Any]]:
 
 
 def _delegation(common: _Common, payload: dict[str, Any]) -> Delegation:
-    dlg = Delegation(
+    return Delegation(
         *common,
         _did(payload, "sub", required=False),
         _did(payload, "aud", required=True),
@@ -340,12 +353,6 @@ def _delegation(common: _Common, payload: dict[str, Any]) -> Delegation:
         parse_policy(payload.get("pol", [])),
         _int(payload, "nbf"),
     )
-    raw = common[0]
-    if len(raw) <= _DELEGATIONS_MAX_BYTES:
-        _DELEGATIONS[raw] = dlg
-        if len(_DELEGATIONS) > _DELEGATIONS_MAX:
-            del _DELEGATIONS[next(iter(_DELEGATIONS))]
-    return dlg
 
 
 def _receipt_args(args: dict[str, Any]) -> tuple[CID, Any, dict[str, Any] | None] | None:
@@ -529,6 +536,7 @@ def verify_signature(token: Token, resolver: Resolver, *, now: int | None = None
     """
     cacheable = isinstance(token, Delegation)
     if cacheable and resolver.seen(token.cid.raw):
+        _keep(token)
         return
     rejections = resolver.check(
         token.iss, token.payload_raw, token.signature, delegation=cacheable, now=now
@@ -537,6 +545,7 @@ def verify_signature(token: Token, resolver: Resolver, *, now: int | None = None
         raise ValidationError("InvalidSignature", invalid_signature_message(token, rejections))
     if cacheable:
         resolver.remember(token.cid.raw, token.iss)
+        _keep(token)
 
 
 def invalid_signature_message(token: Token, rejections: Iterable[tuple[str, str]]) -> str:

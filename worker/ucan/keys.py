@@ -176,6 +176,10 @@ class PublicKey:
     def __repr__(self) -> str:
         return f"PublicKey({self.did_key!r})"
 
+#: the longest DID whose resolution is cached: issuers are looked up before any signature
+#: is checked and may be 2,048 characters; a did:key is under 64
+_CACHE_DID_MAX: Final = 128
+
 
 def did_key(public_key: bytes) -> str:
     """The ``did:key`` of a 32-byte Ed25519 public key."""
@@ -492,7 +496,8 @@ class Resolver:
                     found = _key_document(did, PublicKey.from_did_key(did))
                 except DecodeError as exc:
                     found = str(exc)
-                self._cache[did] = found
+                if len(did) <= _CACHE_DID_MAX:  # (a 2 KiB issuer is not worth keeping)
+                    self._cache[did] = found
                 if len(self._cache) > _CACHE_SIZE:
                     self._cache.popitem(last=False)
             if type(found) is str:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Final
 
+from worker.ucan.bounded import SizedLRU, footprint
 from worker.ucan.errors import DecodeError
 
 _FIELD: Final = re.compile(r"[^\W\d]\w*[\w$-]*|_[\w$-]*", re.UNICODE)
@@ -17,6 +19,10 @@ _INT: Final = re.compile(r"-?\d+")
 #: their parses cached, before any signature is checked; a 500 KB one took 0.6 s and
 #: left 22 MiB in the cache
 MAX_SELECTOR_LENGTH: Final = 1024
+#: the memory parsed selectors may hold in the cache: entries were counted (1,024) but a
+#: 1,024-character selector of 512 fields parses to ~60 KiB, so 1,024 of them held 60 MiB;
+#: a usual one (``.details.region``) takes ~700 bytes
+SELECTOR_CACHE_BYTES: Final = 1 << 20
 
 
 class ResolutionError(Exception):
@@ -53,8 +59,20 @@ def parse_selector(text: str) -> Selector:
     return _parse(text)
 
 
-@lru_cache(maxsize=1024)
+_PARSED: Final[SizedLRU[str, Selector]] = SizedLRU(SELECTOR_CACHE_BYTES)
+
+
 def _parse(text: str) -> Selector:
+    """:func:`_parse_uncached`, kept in a cache bounded by the memory the parses hold."""
+    found = _PARSED.get(text) if type(text) is str else None
+    if found is not None:
+        return found
+    sel = _parse_uncached(text)
+    _PARSED.put(text, sel, footprint(sel) + sys.getsizeof(text))
+    return sel
+
+
+def _parse_uncached(text: str) -> Selector:
     if isinstance(text, str) and len(text) > MAX_SELECTOR_LENGTH:
         raise DecodeError(
             f"cannot parse selector {text[:40]!r}...: longer than {MAX_SELECTOR_LENGTH}"
@@ -166,11 +184,18 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def select(selector: Selector | str, value: Any) -> Any:
+def select(selector: Selector | str, value: Any, spend: Callable[[int], None] | None = None) -> Any:
     """Resolve ``selector`` against ``value``.
 
     An iterator (``[]``) makes the result the list of what it yields. A failing segment
     marked ``?`` yields ``None``.
+
+    Args:
+        selector: the selector, parsed or not.
+        value: what it selects from.
+        spend: called with the steps each stretch of the walk takes, before it is walked:
+            one per value a segment is applied to, one per item an iterator or a slice
+            yields (per KiB of a sliced text); it may raise to stop the walk.
 
     Raises:
         ResolutionError: the selector does not resolve.
@@ -179,9 +204,13 @@ def select(selector: Selector | str, value: Any) -> Any:
     many = False
     cur: list[Any] = [value]
     for seg in sel.segments:
+        if spend is not None:
+            spend(len(cur))
         nxt: list[Any] = []
         if seg.kind == "iterate":
             for v in cur:
+                if spend is not None and type(v) in (list, dict):
+                    spend(len(v))
                 try:
                     nxt.extend(_iterate(v))
                 except ResolutionError:
@@ -192,6 +221,9 @@ def select(selector: Selector | str, value: Any) -> Any:
             many = True
         else:
             for v in cur:
+                if spend is not None and seg.kind == "slice" and type(v) in (list, str, bytes):
+                    n = len(range(len(v))[seg.start : seg.end])
+                    spend(n if type(v) is list else n >> 10)
                 try:
                     nxt.append(_step(seg, v))
                 except ResolutionError:
