@@ -436,7 +436,9 @@ class Broker:
                     underlay, messages, timeout=confirm_within
                 )
             else:
-                results = await _publish_each(underlay, messages, confirm_within, self.frame_max)
+                results = await batch_publish.publish_each(
+                    underlay, messages, timeout=confirm_within
+                )
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             results = [exc] * len(outs)
         return [
@@ -448,24 +450,3 @@ class Broker:
         """Close the connection (its channels with it)."""
         if not self.connection.is_closed:
             await self.connection.close()
-
-
-async def _publish_each(
-    channel: Any,
-    messages: Sequence[tuple[str, bytes, spec.Basic.Properties]],
-    timeout: float,  # noqa: ASYNC109 - the confirms' own deadline
-    frame_max: int,
-) -> list[BaseException | None]:
-    """One ``basic_publish`` a message (when the one-write path is not available); a
-    message that cannot be written fails alone, before anything is sent."""
-
-    async def one(key: str, body: bytes, props: spec.Basic.Properties) -> None:
-        problem = guard.check_properties(props, frame_max=frame_max)
-        if problem is not None or not guard.shortstr_ok(key):
-            raise guard.Unencodable(problem or "the routing key is over 255 bytes")
-        await channel.basic_publish(
-            body, exchange="", routing_key=key, properties=props, mandatory=True, timeout=timeout
-        )
-
-    each = await asyncio.gather(*(one(*m) for m in messages), return_exceptions=True)
-    return [r if isinstance(r, BaseException) else None for r in each]
