@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     eq.add_argument(
         "--client-id",
         metavar="ID",
-        help="name of this producer's reply queue <queue>.replies.<ID> (default: random)",
+        help="name of this producer's reply queue <queue>.replies.<ID>, with --reply queue "
+        "(default: random)",
     )
     eq.add_argument(
         "--reply",
