@@ -250,7 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     eq.add_argument(
         "--client-id",
         metavar="ID",
-        help="name of this producer's reply queue <queue>.replies.<ID> (default: random)",
+        help="name of this producer's reply queue <queue>.replies.<ID>, with --reply queue "
+        "(default: random)",
+    )
+    eq.add_argument(
+        "--reply",
+        choices=("queue", "direct"),
+        help="receipts come to a durable reply queue of this producer's (queue, the "
+        "default), or by RabbitMQ's direct reply-to (direct: at most once, so requests are "
+        "published again after a reconnect)",
     )
     eq.add_argument(
         "--attempts",

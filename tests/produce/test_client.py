@@ -660,3 +660,83 @@ async def _until_published(amqp: aio_pika.abc.AbstractRobustConnection, queue: s
         pytest.fail(f"nothing was published to {queue!r}")
     finally:
         await ch.close()
+
+
+# --- reply="direct": RabbitMQ's direct reply-to (issue 21) ----------------------------------
+
+
+async def test_direct_reply_round_trip_declares_no_queue(
+    stack: Stack, amqp: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    async with Client(
+        stack.settings.amqp_url,
+        signer=stack.hilt,
+        service_did=stack.service.did,
+        proofs=[stack.proof],
+        queue=stack.settings.queue,
+        timeout=20,
+        reply="direct",
+    ) as client:
+        assert client.reply_to == "amq.rabbitmq.reply-to"
+        outcome = await client.add_customer("did:plc:direct", PRODUCT, {"region": "eu"})
+        assert outcome.ok == {} and outcome.receipt.iss == stack.service.did
+        with pytest.raises(ReceiptError) as caught:  # an error receipt comes back the same way
+            await client.add_customer("did:plc:direct", "did:web:elsewhere.example")
+        assert caught.value.name == "MatchError"
+        await client.delete_reply_queue()  # nothing to delete: a no-op
+    ch = await amqp.channel()
+    with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+        await ch.declare_queue(client.reply_queue, passive=True)
+
+
+def test_an_unknown_reply_mode_is_refused(stack_free_signer: Signer) -> None:
+    with pytest.raises(ValueError, match="reply must be one of queue, direct"):
+        Client(
+            "amqp://127.0.0.1/",
+            signer=stack_free_signer,
+            service_did=stack_free_signer.did,
+            reply="mailbox",  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture(name="stack_free_signer")
+def _stack_free_signer() -> Signer:
+    return Signer.generate()
+
+
+async def test_enqueue_wait_with_direct_reply(
+    stack: Stack,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = tmp_path / "hilt.key"
+    key.write_text(stack.hilt.export())
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", stack.settings.amqp_url)  # it has a password
+    code = await asyncio.to_thread(
+        cli.main,
+        [
+            "enqueue",
+            "--key",
+            f"@{key}",
+            "--proof",
+            str(stack.proof_file),
+            "--service",
+            stack.service.did,
+            "--customer",
+            "did:plc:singledirect",
+            "--product",
+            PRODUCT,
+            "--wait",
+            "--json",
+            "--reply",
+            "direct",
+            "--queue",
+            stack.settings.queue,
+        ],
+    )
+    assert code == cli.EXIT_OK
+    out = capsys.readouterr().out
+    [doc] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert doc["ok"] is True and doc["error"] is None
+    assert await _customer(stack.settings.database_url, "did:plc:singledirect") is not None

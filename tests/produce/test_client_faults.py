@@ -1,4 +1,5 @@
-"""Why the client's reply queue is durable: receipts survive a lost connection and a restart.
+"""Why the client's reply queue is durable: receipts survive a lost connection and a restart;
+and how a client on direct reply-to recovers from the same loss by publishing again.
 
 Direct reply-to would lose a receipt published while the client is disconnected; the durable
 ``<queue>.replies.<client_id>`` keeps it until the client (or its successor with the same
@@ -108,3 +109,31 @@ async def test_a_restarted_producer_collects_its_receipt(
         outcome = await second.wait(request, timeout=20)
         assert outcome.task == request.task
         await second.delete_reply_queue()
+
+
+async def test_with_direct_reply_to_a_request_is_sent_again_after_a_reconnect(
+    settings: Settings, amqp: aio_pika.abc.AbstractRobustConnection
+) -> None:
+    """Direct reply-to is at most once: the worker answers while the client is away and the
+    receipt is dropped. After the reconnect the client publishes the request again (the
+    same bytes), the worker answers it from the ledger, and call() returns."""
+    service = Signer.parse(str(settings.service_key))
+    async with Proxy(5672) as broker:
+        url = broker.url(settings.amqp_url) + "?reconnect_interval=0.2"
+        async with Client(
+            url, signer=service, service_did=service.did, queue=settings.queue, reply="direct"
+        ) as client:
+            request = client.build(CustomerAdd("did:plc:directcut", PRODUCT))
+            calling = asyncio.create_task(client.call(request, timeout=30))
+            await _until_depth(amqp, settings.queue, 1)  # published, not yet answered
+            broker.refuse()
+            assert broker.cut() == 1
+            async with running(settings) as app:
+                assert app.consumer is not None
+                await asyncio.wait_for(app.consumer.wait_for("ok"), 20)  # answered: lost
+                broker.accept()
+                outcome = await asyncio.wait_for(calling, 20)
+                assert outcome.task == request.task and outcome.ok == {}
+                # the resend was answered from the ledger, not executed again
+                assert app.consumer.outcomes["duplicate"] == 1
+            assert broker.stats.connections == 2

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.unit.ucan.conftest import load_dag_json
+from tests.support.principals import load_dag_json
 from worker.ucan import CID, ValidationError, parse_policy, selector
 from worker.ucan import policy as pm
 from worker.ucan.bounded import ENTRY_OVERHEAD, SizedLRU, footprint

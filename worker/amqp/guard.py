@@ -128,8 +128,10 @@ def encode_publish(
     body_frames: list[Any],
     *,
     frame_max: int,
+    mandatory: bool = True,
 ) -> bytes:
-    """The wire bytes of one ``mandatory`` publish through the default exchange.
+    """The wire bytes of one publish through the default exchange (``mandatory`` unless
+    told otherwise).
 
     pamqp checks a short string's length only while it writes it, and nothing checks that
     the content header fits in one frame: a message copied from a hostile one (a property
@@ -149,7 +151,7 @@ def encode_publish(
         )
         parts = [
             frame.marshal(
-                Basic.Publish(exchange="", routing_key=routing_key, mandatory=True),
+                Basic.Publish(exchange="", routing_key=routing_key, mandatory=mandatory),
                 channel_number,
             ),
             header,

@@ -61,18 +61,24 @@ WORKER_RECORDS: Final = frozenset(
 )
 
 
-#: the broker's reserved namespace: no client queue is named so, and a forged direct
-#: reply-to name (``amq.rabbitmq.reply-to.<garbage>``) as a routing key makes RabbitMQ close
-#: the publisher's whole connection (INTERNAL_ERROR)
-RESERVED_PREFIX: Final = "amq."
+#: RabbitMQ's direct reply-to pseudo-queue. A producer consuming it names it in ``reply_to``
+#: and the broker rewrites that to ``amq.rabbitmq.reply-to.<channel>.<key>``; a response
+#: published to such a name goes straight to that channel's consumer, at most once. A forged
+#: name can make RabbitMQ 3.10 close the publisher's whole connection (INTERNAL_ERROR), so
+#: the worker answers these names on a connection of their own (README, "Direct reply-to").
+DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 
 
 def response_queue(reply_to: str | None, receipt_queue: str) -> str:
-    """Where the response to a request goes: its ``reply_to``, unless that is absent or in
-    the broker's reserved ``amq.`` namespace (then the receipt queue, like no ``reply_to``)."""
-    if not reply_to or reply_to.startswith(RESERVED_PREFIX):
-        return receipt_queue
-    return reply_to
+    """Where the response to a request goes: its ``reply_to``, any queue name (a
+    server-named ``amq.gen-…`` one and a direct reply-to name too), else the receipt queue."""
+    return reply_to or receipt_queue
+
+
+def is_direct_reply_to(routing_key: str) -> bool:
+    """Whether ``routing_key`` is a direct reply-to name (the bare pseudo-queue included),
+    which the worker publishes to through its isolated publisher."""
+    return routing_key.startswith(DIRECT_REPLY_TO)
 
 
 def dead_letter_name(queue: str) -> str:

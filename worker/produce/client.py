@@ -6,14 +6,21 @@ It goes to the inbox through the default exchange (routing key = queue name), pe
 ``mandatory`` and with publisher confirms, so a missing inbox or a full one is an error
 rather than a silent drop.
 
-Replies. Each client consumes a **durable quorum queue of its own**,
-``<queue>.replies.<client_id>``, named in ``reply_to``. Direct reply-to
-(``amq.rabbitmq.reply-to``) was rejected: it is at-most-once, so a receipt published while
-the client's connection is down is lost; a durable queue keeps it until the (robust)
-connection comes back, and a producer that restarts with the same ``client_id`` finds it
-there. The queue expires (``x-expires``, default one hour) once no client consumes it, so
-one-shot clients leave nothing behind for long; it is never deleted on close, because the
-worker publishes receipts ``mandatory`` and a deleted reply queue would make it retry.
+Replies (``reply=``). By default each client consumes a **durable quorum queue of its
+own**, ``<queue>.replies.<client_id>``, named in ``reply_to`` (``reply="queue"``): a receipt
+published while the client's connection is down waits there until the (robust) connection
+comes back, and a producer that restarts with the same ``client_id`` finds it there. The
+queue expires (``x-expires``, default one hour) once no client consumes it, so one-shot
+clients leave nothing behind for long; it is never deleted on close, because the worker
+publishes receipts ``mandatory`` and a deleted reply queue would make it retry.
+
+``reply="direct"`` uses RabbitMQ's direct reply-to (``amq.rabbitmq.reply-to``, consumed
+without acks on the channel that publishes): no queue, but at most once. A receipt the
+worker publishes while the client is disconnected is lost, and so is one for a previous
+process; so after a reconnect the client publishes every request it still awaits again
+(the same bytes: the worker answers from its ledger with the same receipt), and
+:meth:`Client.wait` can only collect a receipt for a request of this connection. Measured
+against the queue in ``bench/reply_bench.py`` (README, "Producers").
 
 Correlation. ``correlation_id`` is the invocation's CID: a resend of the same invocation
 bytes carries the same id, and any response to any copy completes the wait. The id is
@@ -44,6 +51,7 @@ A broker that cannot be reached at connect time raises :class:`worker.errors.Unr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -52,7 +60,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Any, Final, Literal, get_args
 
 import aio_pika
 import aiormq.exceptions
@@ -66,7 +74,7 @@ from aio_pika.abc import (
 from worker.amqp.connect import redact
 from worker.amqp.publish import PublishFailed as _BrokerPublishFailed
 from worker.amqp.publish import publish_confirmed
-from worker.amqp.topology import CONTENT_TYPE
+from worker.amqp.topology import CONTENT_TYPE, DIRECT_REPLY_TO
 from worker.errors import Unreachable, WorkerError
 from worker.ucan import (
     CID,
@@ -103,6 +111,11 @@ MAX_UNCLAIMED: Final = 10_000
 MAX_UNCLAIMED_PER_ID: Final = 8
 #: problems of responses that did not verify, kept per wait to name in InvalidReceipt
 MAX_PROBLEMS: Final = 3
+
+#: how receipts come back: the client's durable reply queue, or direct reply-to
+ReplyMode = Literal["queue", "direct"]
+REPLY_MODES: Final[tuple[str, ...]] = get_args(ReplyMode)
+DEFAULT_REPLY: Final[ReplyMode] = "queue"
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -403,7 +416,7 @@ class _Waiter:
     are counted, and the first few problems kept, for :class:`InvalidReceipt`.
     """
 
-    __slots__ = ("future", "invalid", "problems", "request", "users")
+    __slots__ = ("future", "invalid", "problems", "published", "request", "users")
 
     def __init__(self, request: SignedRequest, future: asyncio.Future[Outcome]) -> None:
         self.request = request
@@ -411,6 +424,9 @@ class _Waiter:
         self.users = 0
         self.invalid = 0
         self.problems: list[str] = []
+        #: published by this client (not only awaited with wait()): sent again after a
+        #: reconnect when replies come by direct reply-to
+        self.published = False
 
     def reject(self, problem: str) -> None:
         self.invalid += 1
@@ -439,6 +455,7 @@ class Client:
         service_key_did: str | None = None,
         reply_queue_expires: int = DEFAULT_REPLY_QUEUE_EXPIRES,
         replies: bool = True,
+        reply: ReplyMode = DEFAULT_REPLY,
     ) -> None:
         """Args:
         amqp_url: the broker.
@@ -458,10 +475,16 @@ class Client:
         reply_queue_expires: seconds the reply queue outlives its last consumer.
         replies: declare and consume the reply queue; ``False`` for a publish-only client
             (receipts then go to the worker's receipt queue).
+        reply: ``"queue"``, the durable reply queue (receipts survive a disconnect), or
+            ``"direct"``, RabbitMQ's direct reply-to (at most once; after a reconnect the
+            requests still awaited are published again). See the module docstring.
 
         Raises:
             DecodeError: ``service_key_did`` is not an Ed25519 or secp256k1 did:key.
+            ValueError: ``reply`` is neither ``"queue"`` nor ``"direct"``.
         """
+        if reply not in REPLY_MODES:
+            raise ValueError(f"reply must be one of {', '.join(REPLY_MODES)}, got {reply!r}")
         self.amqp_url = amqp_url
         self.signer = signer
         self.service_did = service_did
@@ -469,6 +492,9 @@ class Client:
         self.queue = queue
         self.client_id = client_id or uuid.uuid4().hex[:16]
         self.reply_queue = reply_queue_name(queue, self.client_id)
+        self.reply: ReplyMode = reply
+        #: what requests name in ``reply_to``
+        self.reply_to = DIRECT_REPLY_TO if reply == "direct" else self.reply_queue
         self.lifetime = lifetime
         self.timeout = timeout
         if resolver is None:
@@ -487,6 +513,7 @@ class Client:
         #: responses that arrived before anyone waited for them, by correlation id, oldest
         #: id first
         self._unclaimed: OrderedDict[str, list[bytes]] = OrderedDict()
+        self._resends: set[asyncio.Task[None]] = set()
 
     # -- lifecycle --
 
@@ -503,7 +530,8 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        """Connect (robustly), open a confirming channel, declare and consume the reply queue.
+        """Connect (robustly), open a confirming channel, declare and consume the reply queue
+        (or, with ``reply="direct"``, consume direct reply-to on that channel).
 
         Raises:
             Unreachable: the broker cannot be reached or refuses the login.
@@ -522,7 +550,13 @@ class Client:
             self._channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            if self.replies:
+            if self.replies and self.reply == "direct":
+                # RabbitMQ's pseudo-queue: consumed without acks on the channel that
+                # publishes the requests; restored with the channel after a reconnect
+                self._replies = await self._channel.declare_queue(DIRECT_REPLY_TO, passive=True)
+                self._consumer_tag = await self._replies.consume(self._on_reply, no_ack=True)
+                self._connection.reconnect_callbacks.add(self._resend_awaited)
+            elif self.replies:
                 self._replies = await self._channel.declare_queue(
                     self.reply_queue,
                     durable=True,
@@ -544,8 +578,9 @@ class Client:
         self._connection = None
 
     async def delete_reply_queue(self) -> None:
-        """Delete this client's reply queue now (e.g. in tests) instead of letting it expire."""
-        if self._replies is not None:
+        """Delete this client's reply queue now (e.g. in tests) instead of letting it expire;
+        nothing to do with direct reply-to."""
+        if self._replies is not None and self.reply == "queue":
             if self._consumer_tag is not None:
                 await self._replies.cancel(self._consumer_tag)
                 self._consumer_tag = None
@@ -570,8 +605,8 @@ class Client:
 
         Args:
             request: what to send (sending the same request again is safe).
-            reply: name this client's reply queue in ``reply_to``; without it the worker
-                sends the receipt to its receipt queue.
+            reply: name this client's reply queue (or direct reply-to) in ``reply_to``;
+                without it the worker sends the receipt to its receipt queue.
 
         Raises:
             PublishFailed: returned (no inbox), nacked (e.g. the inbox is full), not
@@ -587,7 +622,7 @@ class Client:
             content_type=CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             correlation_id=str(request.cid),
-            reply_to=self.reply_queue if reply else None,
+            reply_to=self.reply_to if reply else None,
             message_id=uuid.uuid4().hex,
             timestamp=int(time.time()),
             app_id="forge-worker-client",
@@ -635,7 +670,8 @@ class Client:
         """Await the receipt of a request published earlier, without publishing it again.
 
         For a producer that published before a disconnect or a restart (with the same
-        ``client_id``): the response waits in the durable reply queue.
+        ``client_id``): the response waits in the durable reply queue. With direct reply-to
+        only a response to this connection can arrive (nothing is kept for a restart).
 
         Raises:
             ReceiptError, InvalidReceipt, ReceiptTimeout: as :meth:`call`.
@@ -660,6 +696,8 @@ class Client:
             self._offer(waiter, body)
         waiter.users += 1
         published = 0
+        if publish:
+            waiter.published = True
         try:
             for _ in range(attempts):
                 if publish and not waiter.future.done():
@@ -746,4 +784,21 @@ class Client:
             self._unclaimed.move_to_end(key)
             while len(self._unclaimed) > MAX_UNCLAIMED:
                 self._unclaimed.popitem(last=False)
-        await message.ack()
+        if self.reply == "queue":  # (direct reply-to is consumed without acks)
+            await message.ack()
+
+    async def _resend_awaited(self, *_: Any) -> None:
+        """After a reconnect, with direct reply-to: a receipt the worker published while
+        the connection was down is lost, so publish every request still awaited again (the
+        same bytes; the worker answers from its ledger). Not awaited here: the connection's
+        callbacks must not wait for confirms."""
+        for waiter in list(self._waiters.values()):
+            if waiter.published and not waiter.future.done():
+                task = asyncio.create_task(self._resend(waiter.request))
+                self._resends.add(task)
+                task.add_done_callback(self._resends.discard)
+
+    async def _resend(self, request: SignedRequest) -> None:
+        # a resend that fails leaves the caller's own timeout and attempts to act
+        with contextlib.suppress(ClientError):
+            await self.publish(request)

@@ -20,6 +20,7 @@ from worker.errors import EXIT_CHECK_FAILED, EXIT_OK, ConfigError
 from worker.keyfile import read_key
 from worker.produce.bulk import INVALID_INPUT, Progress, Row, read_rows
 from worker.produce.client import (
+    DEFAULT_REPLY,
     Client,
     ClientError,
     CustomerAdd,
@@ -84,6 +85,7 @@ def _client(
             service_key_did=args.service_key_did,
             replies=replies,
             client_id=args.client_id,
+            reply=getattr(args, "reply", None) or DEFAULT_REPLY,
         )
     except UcanError as exc:
         raise ConfigError(f"--service-key-did: {exc}") from None

@@ -53,9 +53,11 @@ async def publish_batch(
     messages: Sequence[tuple[str, bytes, spec.Basic.Properties]],
     *,
     timeout: float,  # noqa: ASYNC109 - the confirms' own deadline
+    mandatory: bool = True,
 ) -> list[BaseException | None]:
     """Publish ``(routing_key, body, properties)`` through the default exchange, each
-    ``mandatory``, in one write; wait up to ``timeout`` s for every confirm.
+    ``mandatory`` (unless told otherwise), in one write; wait up to ``timeout`` s for every
+    confirm.
 
     Returns, per message in order, None when the broker confirmed it, else the exception:
     aiormq's ``PublishError`` (returned), ``DeliveryError`` (nacked), ``TimeoutError`` (no
@@ -88,6 +90,7 @@ async def publish_batch(
                             properties,
                             channel._split_body(body),
                             frame_max=frame_max,
+                            mandatory=mandatory,
                         )
                     )
                 except guard.Unencodable as exc:
@@ -123,6 +126,35 @@ async def publish_batch(
         if future is not None:  # (None: unencodable, its result is set)
             results[i] = _outcome(future, pending)
     return results
+
+
+async def publish_each(
+    channel: Any,
+    messages: Sequence[tuple[str, bytes, spec.Basic.Properties]],
+    *,
+    timeout: float,  # noqa: ASYNC109 - the confirms' own deadline
+    mandatory: bool = True,
+) -> list[BaseException | None]:
+    """What :func:`publish_batch` does, with one ``basic_publish`` a message: the fallback
+    when the one-write path is not :func:`supported`. A message that cannot be written
+    fails alone, before anything is sent."""
+    frame_max = frame_size(channel)
+
+    async def one(key: str, body: bytes, props: spec.Basic.Properties) -> None:
+        problem = guard.check_properties(props, frame_max=frame_max)
+        if problem is not None or not guard.shortstr_ok(key):
+            raise guard.Unencodable(problem or "the routing key is over 255 bytes")
+        await channel.basic_publish(
+            body,
+            exchange="",
+            routing_key=key,
+            properties=props,
+            mandatory=mandatory,
+            timeout=timeout,
+        )
+
+    each = await asyncio.gather(*(one(*m) for m in messages), return_exceptions=True)
+    return [r if isinstance(r, BaseException) else None for r in each]
 
 
 def _outcome(

@@ -24,6 +24,7 @@ from worker.amqp.publish import PublishFailed, as_publish_failed
 from worker.config import Settings
 from worker.errors import ConfigError, Unreachable
 from worker.service import batch_publish
+from worker.service.direct_reply import DirectReplies
 
 #: seconds to wait for the broker to confirm one publish before calling it transient
 PUBLISH_TIMEOUT: Final = 10.0
@@ -221,11 +222,17 @@ def queue_declarations(settings: Settings) -> list[tuple[str, dict[str, object]]
 
 
 class Broker:
-    """The worker's connection: a consuming channel and a confirming publishing channel."""
+    """The worker's connection: a consuming channel and a confirming publishing channel;
+    and, apart from it, the publisher of responses to direct reply-to names."""
 
     def __init__(self, connection: AbstractRobustConnection, settings: Settings) -> None:
         self.connection = connection
         self.settings = settings
+        #: responses to direct reply-to names, on a connection of their own (opened when
+        #: first needed): a forged name closes that one, never this one
+        self.direct = DirectReplies(
+            settings.amqp_url, connection_name=f"forge-worker {settings.queue} direct-reply"
+        )
         self._consume_channel: AbstractRobustChannel | None = None
         self._publish_channel: AbstractRobustChannel | None = None
         self.inbox: AbstractQueue | None = None
@@ -420,13 +427,32 @@ class Broker:
 
         The worker's hot path (a batch's receipts): the frames go in one write onto the live
         aiormq channel under the robust one (:mod:`worker.service.batch_publish`), with the AMQP
-        properties built directly rather than through aio-pika ``Message`` objects.
+        properties built directly rather than through aio-pika ``Message`` objects. Messages
+        for direct reply-to names go through :attr:`direct` instead, not ``mandatory``
+        (:mod:`worker.service.direct_reply`), at the same time.
 
         Returns:
             Per message, in order: None once the broker confirmed it, else how it failed
             (:class:`PublishFailed`; after ``timeout`` or ``lost`` whether the broker kept
-            it is unknown).
+            it is unknown; ``refused``: a direct reply-to name the broker refuses).
         """
+        direct = [i for i, out in enumerate(outs) if topology.is_direct_reply_to(out.routing_key)]
+        if not direct:
+            return await self._publish_queues(outs, confirm_within)
+        to_direct = set(direct)
+        queued = [out for i, out in enumerate(outs) if i not in to_direct]
+        answers = await asyncio.gather(
+            self._publish_queues(queued, confirm_within),
+            self._publish_direct([outs[i] for i in direct], confirm_within),
+        )
+        of_queues, of_direct = iter(answers[0]), iter(answers[1])
+        return [next(of_direct if i in to_direct else of_queues) for i in range(len(outs))]
+
+    async def _publish_queues(
+        self, outs: Sequence[Outgoing], confirm_within: float
+    ) -> list[PublishFailed | None]:
+        if not outs:
+            return []
         ch = self._publish_channel
         assert ch is not None
         messages = [(out.routing_key, out.body, out.properties()) for out in outs]
@@ -441,7 +467,9 @@ class Broker:
                     underlay, messages, timeout=confirm_within
                 )
             else:
-                results = await _publish_each(underlay, messages, confirm_within, self.frame_max)
+                results = await batch_publish.publish_each(
+                    underlay, messages, timeout=confirm_within
+                )
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             results = [exc] * len(outs)
         return [
@@ -449,28 +477,18 @@ class Broker:
             for out, exc in zip(outs, results, strict=True)
         ]
 
+    async def _publish_direct(
+        self, outs: Sequence[Outgoing], confirm_within: float
+    ) -> list[PublishFailed | None]:
+        messages = [(out.routing_key, out.body, out.properties()) for out in outs]
+        results = await self.direct.publish(messages, timeout=confirm_within)
+        return [
+            None if exc is None else as_publish_failed(exc, out.routing_key, confirm_within)
+            for out, exc in zip(outs, results, strict=True)
+        ]
+
     async def close(self) -> None:
-        """Close the connection (its channels with it)."""
+        """Close the connections (their channels with them)."""
+        await self.direct.close()
         if not self.connection.is_closed:
             await self.connection.close()
-
-
-async def _publish_each(
-    channel: Any,
-    messages: Sequence[tuple[str, bytes, spec.Basic.Properties]],
-    timeout: float,  # noqa: ASYNC109 - the confirms' own deadline
-    frame_max: int,
-) -> list[BaseException | None]:
-    """One ``basic_publish`` a message (when the one-write path is not available); a
-    message that cannot be written fails alone, before anything is sent."""
-
-    async def one(key: str, body: bytes, props: spec.Basic.Properties) -> None:
-        problem = guard.check_properties(props, frame_max=frame_max)
-        if problem is not None or not guard.shortstr_ok(key):
-            raise guard.Unencodable(problem or "the routing key is over 255 bytes")
-        await channel.basic_publish(
-            body, exchange="", routing_key=key, properties=props, mandatory=True, timeout=timeout
-        )
-
-    each = await asyncio.gather(*(one(*m) for m in messages), return_exceptions=True)
-    return [r if isinstance(r, BaseException) else None for r in each]

@@ -687,7 +687,9 @@ class Consumer:
             )
         failures = await self.broker.publish_many([out for _, out in sends])
         for (item, _), failed in zip(sends, failures, strict=True):
-            if failed is not None:
+            # refused: a direct reply-to name no attempt can deliver to; acked, as the effect
+            # is stored and a resend is answered from the ledger (service/direct_reply.py)
+            if failed is not None and failed.kind != "refused":
                 kind = "permanent" if failed.kind == "unencodable" else "transient"
                 item.fail(kind, failed.kind if kind == "permanent" else "publish", str(failed))
         confirmed = failures.count(None)

@@ -176,6 +176,7 @@ class PublicKey:
     def __repr__(self) -> str:
         return f"PublicKey({self.did_key!r})"
 
+
 #: the longest DID whose resolution is cached: issuers are looked up before any signature
 #: is checked and may be 2,048 characters; a did:key is under 64
 _CACHE_DID_MAX: Final = 128
