@@ -154,7 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "a terminal)",
             )
 
-    kg = sub.add_parser("keygen", help="a new Ed25519 key and its DID")
+    kg = sub.add_parser("keygen", help="a new key (Ed25519 or secp256k1) and its DID")
+    kg.add_argument(
+        "--type",
+        dest="key_type",
+        choices=("ed25519", "secp256k1"),
+        default="ed25519",
+        help="ed25519 (default: a service, Hilt, a space) or secp256k1 (a did:plc account's "
+        "key: plc create)",
+    )
     kg.add_argument("--json", action="store_true", help="print one JSON document")
 
     di = sub.add_parser(

@@ -357,6 +357,30 @@ def test_keygen_text(capsys: pytest.CaptureFixture[str]) -> None:
     assert Signer.parse(lines[1].removeprefix("key: ")).did == lines[0].removeprefix("did: ")
 
 
+def test_keygen_secp256k1_in_ucantones_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--type secp256k1: a did:plc account's key, 0x81 0x26 + the 32-byte scalar in base64
+    (what Hilt keeps in its vault), whose did:key is zQ3s...; read back by --key."""
+    assert cli.main(["keygen", "--type", "secp256k1", "--json"]) == cli.EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"did", "key"}
+    raw = base64.b64decode(doc["key"], validate=True)
+    assert raw[:2] == b"\x81\x26" and len(raw) == 34
+    assert doc["did"].startswith("did:key:zQ3s")
+    signer = Signer.parse(doc["key"])
+    assert signer.kind == "secp256k1" and signer.did == doc["did"]
+    path = tmp_path / "tenant.json"
+    path.write_text(json.dumps(doc))
+    assert read_key(str(path)).did == doc["did"]
+    # the default stays Ed25519, and nothing else is a type
+    assert cli.main(["keygen", "--type", "ed25519", "--json"]) == cli.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["did"].startswith("did:key:z6Mk")
+    with pytest.raises(SystemExit):
+        cli.main(["keygen", "--type", "rsa"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def _delegate(tmp_path: Path, key: Signer, *extra: str) -> Delegation:
     out = tmp_path / "proof.ctn"
     key_file = tmp_path / "service.key"
