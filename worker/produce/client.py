@@ -1,4 +1,15 @@
-"""The producer side (Hilt's): sign ``/customer/add``, publish it, await a verified receipt.
+"""The producer side (Hilt's): sign ``/customer/add``, ``/provider/add`` and ``/space/info``,
+publish them, await a verified receipt.
+
+The three invocations, each built as its Go producer builds it:
+
+* ``/customer/add`` (Hilt's ``RegisterCustomer``): issuer Hilt, ``aud`` = ``sub`` = the
+  service, with the delegation chain from the service;
+* ``/provider/add`` (Hilt's ``ProvisionSpace``): issuer = subject = the account (a tenant's
+  ``did:plc`` signing with its secp256k1 key), ``aud`` = the service, no proofs, args
+  ``{consumer: space, provider}``;
+* ``/space/info``: subject = the space, issuer the space or the holder of a delegation chain
+  from it, ``aud`` = the service, args ``{}``.
 
 A request is what Hilt would send over HTTP with ucantone: a raw ``{"ctn-v1": [...]}``
 container (no header byte) holding the invocation and the delegations its ``prf`` names.
@@ -78,6 +89,7 @@ from worker.ucan import (
     ValidationError,
     customer_add_args,
     decode_request,
+    encode,
     encode_container,
     encode_invocation,
     task_cid,
@@ -86,6 +98,8 @@ from worker.ucan import (
 from worker.ucan.keys import PublicKey, did_key_public
 
 CUSTOMER_ADD: Final = "/customer/add"
+PROVIDER_ADD: Final = "/provider/add"
+SPACE_INFO: Final = "/space/info"
 RECEIPT_COMMAND: Final = "/ucan/assert/receipt"
 DEFAULT_QUEUE: Final = "ucan.invocations"
 #: seconds an invocation stays valid; longer than ucantone's 30 s because it may wait in a queue
@@ -208,6 +222,59 @@ class Outcome:
     ok: object
 
 
+@dataclass(frozen=True, slots=True)
+class Provisioned(Outcome):
+    """A verified ok receipt of ``/provider/add``: ``ok`` is ``{id: subscription}``."""
+
+    #: the subscription id (sprue's: the CID of DAG-CBOR ``{"consumer": space}``, as text)
+    subscription: str
+
+    @classmethod
+    def of(cls, outcome: Outcome) -> Provisioned:
+        """The subscription of a verified ``/provider/add`` outcome.
+
+        Raises:
+            InvalidReceipt: its ``ok`` is not ``{id: text}``.
+        """
+        ok = outcome.ok
+        sub = ok.get("id") if isinstance(ok, Mapping) else None
+        if not isinstance(sub, str):
+            raise InvalidReceipt(
+                f"the service's ok receipt for task {outcome.task} holds no subscription id "
+                f"({{id: text}}), got {_shown(ok)}"
+            )
+        return cls(outcome.task, outcome.receipt, ok, sub)
+
+
+@dataclass(frozen=True, slots=True)
+class SpaceInfo(Outcome):
+    """A verified ok receipt of ``/space/info``: ``ok`` is ``{providers: [DID, ...]}``."""
+
+    #: the providers the space is provisioned with
+    providers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, outcome: Outcome) -> SpaceInfo:
+        """The providers of a verified ``/space/info`` outcome.
+
+        Raises:
+            InvalidReceipt: its ``ok`` is not ``{providers: [text, ...]}``.
+        """
+        ok = outcome.ok
+        providers = ok.get("providers") if isinstance(ok, Mapping) else None
+        if not isinstance(providers, list) or not all(isinstance(p, str) for p in providers):
+            raise InvalidReceipt(
+                f"the service's ok receipt for task {outcome.task} holds no provider list "
+                f"({{providers: [DID, ...]}}), got {_shown(ok)}"
+            )
+        return cls(outcome.task, outcome.receipt, ok, tuple(providers))
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def command_covers(granted: str, wanted: str) -> bool:
     """Whether a delegation of ``granted`` covers ``wanted`` (``/`` covers all, segment-wise)."""
     return granted == "/" or wanted == granted or wanted.startswith(granted + "/")
@@ -274,6 +341,43 @@ def load_proofs(path: str | os.PathLike[str]) -> list[Delegation]:
     return list(request.delegations.values())
 
 
+def _sign(
+    signer: Signer,
+    *,
+    cmd: str,
+    sub: str,
+    aud: str,
+    args_raw: bytes,
+    chain: Sequence[Delegation],
+    lifetime: int | None,
+    now: int,
+    nonce: bytes | None,
+) -> SignedRequest:
+    """Sign an invocation as ucantone's ``invocation.Invoke`` does (``prf`` = the chain root
+    first, ``exp`` = now + ``lifetime``, a 16-byte nonce, no ``iat``) and frame it with the
+    chain's delegations."""
+    nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+    exp = None if lifetime is None else now + lifetime
+    token = encode_invocation(
+        signer,
+        sub=sub,
+        aud=aud,
+        cmd=cmd,
+        args_raw=args_raw,
+        exp=exp,
+        nonce=nonce,
+        prf=[d.cid for d in chain],
+    )
+    body = encode_container([token, *(d.raw for d in chain)])
+    return SignedRequest(
+        invocation=token,
+        cid=CID.dag_cbor(token),
+        task=task_cid(cmd, sub, args_raw, nonce),
+        body=body,
+        exp=exp,
+    )
+
+
 def build_customer_add(
     signer: Signer,
     service_did: str,
@@ -310,25 +414,106 @@ def build_customer_add(
     args_raw = customer_add_args(
         args.customer, args.product, dict(args.details), args.external_account
     )
-    nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-    exp = None if lifetime is None else now + lifetime
-    token = encode_invocation(
+    return _sign(
         signer,
+        cmd=CUSTOMER_ADD,
         sub=service_did,
         aud=service_did,
-        cmd=CUSTOMER_ADD,
         args_raw=args_raw,
-        exp=exp,
+        chain=chain,
+        lifetime=lifetime,
+        now=now,
         nonce=nonce,
-        prf=[d.cid for d in chain],
     )
-    body = encode_container([token, *(d.raw for d in chain)])
-    return SignedRequest(
-        invocation=token,
-        cid=CID.dag_cbor(token),
-        task=task_cid(CUSTOMER_ADD, service_did, args_raw, nonce),
-        body=body,
-        exp=exp,
+
+
+def provider_add_args(consumer: str, provider: str) -> bytes:
+    """libforge's ``provider.AddArguments`` byte for byte as cbor-gen writes them:
+    ``{consumer, provider}``, ``consumer`` first (which is also DAG-CBOR's order).
+
+    Raises:
+        TypeError: a DID is not text.
+    """
+    for name, value in (("consumer", consumer), ("provider", provider)):
+        if not isinstance(value, str):
+            raise TypeError(f"cannot encode /provider/add args: {name} must be text")
+    return b"\xa2" + encode("consumer") + encode(consumer) + encode("provider") + encode(provider)
+
+
+#: ``/space/info``'s args: libforge's empty ``InfoArguments``, the empty map
+SPACE_INFO_ARGS: Final = b"\xa0"
+
+
+def build_provider_add(
+    signer: Signer,
+    service_did: str,
+    space: str,
+    provider: str | None = None,
+    *,
+    lifetime: int | None = DEFAULT_LIFETIME,
+    now: int | None = None,
+    nonce: bytes | None = None,
+) -> SignedRequest:
+    """Sign a ``/provider/add`` the way Hilt's ``ProvisionSpace`` does.
+
+    ``providercmds.Add.Invoke(account, account.DID(), &AddArguments{Provider, Consumer},
+    WithAudience(service))``: ``iss`` = ``sub`` = the signer's DID (the account: a tenant's
+    ``did:plc``, i.e. ``Signer.parse(key).with_did(did_plc)``), ``aud`` = the service, no
+    proofs, args ``{consumer: space, provider}``, ``exp`` = now + ``lifetime``, a 16-byte
+    nonce, no ``iat``. The worker answers ``{id: subscription}`` or sprue's errors
+    (``InvalidAccount`` for an account that is not a did:plc, ``AccountPlanMissing``,
+    ``ProviderNotAllowed``, ``ConsumerExists``).
+
+    Args:
+        signer: the account (acting as its did:plc).
+        service_did: the worker's service DID (the audience).
+        space: the space to provision (the ``consumer``).
+        provider: the provider; default the service itself (the only one sprue allows).
+        lifetime, now, nonce: as :func:`build_customer_add`.
+    """
+    now = int(time.time()) if now is None else now
+    return _sign(
+        signer,
+        cmd=PROVIDER_ADD,
+        sub=signer.did,
+        aud=service_did,
+        args_raw=provider_add_args(space, service_did if provider is None else provider),
+        chain=(),
+        lifetime=lifetime,
+        now=now,
+        nonce=nonce,
+    )
+
+
+def build_space_info(
+    signer: Signer,
+    service_did: str,
+    space: str,
+    *,
+    proofs: Sequence[Delegation] = (),
+    lifetime: int | None = DEFAULT_LIFETIME,
+    now: int | None = None,
+    nonce: bytes | None = None,
+) -> SignedRequest:
+    """Sign a ``/space/info`` about ``space``: ``sub`` = the space, ``iss`` = the signer (the
+    space's own key, or the holder of a delegation chain from the space among ``proofs``),
+    ``aud`` = the service, args ``{}``.
+
+    Raises:
+        ProofError: the signer is not the space and the proofs hold no chain from it.
+    """
+    now = int(time.time()) if now is None else now
+    chain = proof_chain(proofs, issuer=signer.did, subject=space, command=SPACE_INFO, now=now)
+    return _sign(
+        signer,
+        cmd=SPACE_INFO,
+        sub=space,
+        aud=service_did,
+        args_raw=SPACE_INFO_ARGS,
+        chain=chain,
+        lifetime=lifetime,
+        now=now,
+        nonce=nonce,
     )
 
 
@@ -419,9 +604,11 @@ class _Waiter:
 
 
 class Client:
-    """Publishes signed ``/customer/add`` invocations and awaits their verified receipts.
+    """Publishes signed invocations and awaits their verified receipts.
 
-    Use it as ``async with Client(...) as client: await client.add_customer(...)``.
+    Use it as ``async with Client(...) as client: await client.add_customer(...)``;
+    ``provision(space)`` (``/provider/add`` by the signer's account) and
+    ``space_info(space)`` (``/space/info``) likewise.
     """
 
     def __init__(
@@ -442,10 +629,14 @@ class Client:
     ) -> None:
         """Args:
         amqp_url: the broker.
-        signer: the producer's identity (Hilt's key, possibly ``with_did``).
-        service_did: the worker's service DID: audience and subject of every invocation,
-            and the only accepted issuer of receipts.
-        proofs: delegations from the service to the signer (e.g. :func:`load_proofs`).
+        signer: the producer's identity (Hilt's key, possibly ``with_did``; for
+            :meth:`provision`, the account: a tenant's secp256k1 key ``with_did`` its
+            did:plc).
+        service_did: the worker's service DID: the audience of every invocation (and the
+            subject of ``/customer/add``), and the only accepted issuer of receipts.
+        proofs: delegations to the signer (e.g. :func:`load_proofs`): from the service for
+            ``/customer/add``, from a space for ``/space/info``; each request takes the
+            chain it needs.
         queue: the worker's inbox.
         client_id: names the reply queue; give a stable one to collect replies across
             restarts (one live client per id). Default: random.
@@ -729,6 +920,67 @@ class Client:
         """
         request = self.build(CustomerAdd(customer, product, details or {}, external_account))
         return await self.call(request, timeout=timeout, attempts=attempts)
+
+    def build_provision(
+        self, space: str, provider: str | None = None, *, now: int | None = None
+    ) -> SignedRequest:
+        """A signed ``/provider/add`` of ``space`` by this client's signer (the account)."""
+        return build_provider_add(
+            self.signer, self.service_did, space, provider, lifetime=self.lifetime, now=now
+        )
+
+    def build_space_info(self, space: str, *, now: int | None = None) -> SignedRequest:
+        """A signed ``/space/info`` about ``space`` with this client's identity and proofs."""
+        return build_space_info(
+            self.signer,
+            self.service_did,
+            space,
+            proofs=self.proofs,
+            lifetime=self.lifetime,
+            now=now,
+        )
+
+    async def provision(
+        self,
+        space: str,
+        provider: str | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per attempt, between resends
+        attempts: int = 1,
+    ) -> Provisioned:
+        """Provision ``space`` for this client's account (``/provider/add``, as Hilt's
+        ``ProvisionSpace``) and return the verified outcome with its subscription id.
+
+        Args:
+            space: the space DID (the ``consumer``).
+            provider: default the service (the only provider the worker allows).
+
+        Raises:
+            ReceiptError: the service refused it; ``.name`` is sprue's (``InvalidAccount``,
+                ``AccountPlanMissing``, ``ProviderNotAllowed``, ``ConsumerExists``) or
+                ucantone's (e.g. ``InvalidSignature``, ``UnknownError`` for a did:plc the
+                directory does not know).
+            InvalidReceipt, ReceiptTimeout, PublishFailed: see :meth:`call`.
+        """
+        request = self.build_provision(space, provider)
+        return Provisioned.of(await self.call(request, timeout=timeout, attempts=attempts))
+
+    async def space_info(
+        self,
+        space: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per attempt, between resends
+        attempts: int = 1,
+    ) -> SpaceInfo:
+        """The providers ``space`` is provisioned with (``/space/info``), verified.
+
+        Raises:
+            ReceiptError: e.g. ``UnknownSpace`` (no provider yet).
+            ProofError: the signer is not the space and holds no delegation chain from it.
+            InvalidReceipt, ReceiptTimeout, PublishFailed: see :meth:`call`.
+        """
+        request = self.build_space_info(space)
+        return SpaceInfo.of(await self.call(request, timeout=timeout, attempts=attempts))
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         key = message.correlation_id or ""
