@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--now", type=int, metavar="UNIX", help="validate at this time (default: now)")
     ins.add_argument("--service-did", metavar="DID", help="also check each invocation's audience")
     ins.add_argument(
+        "--plc-directory",
+        metavar="URL",
+        help="fetch the documents of did:plc issuers from this PLC directory first (e.g. "
+        "http://127.0.0.1:2582); without it inspect stays offline and cannot verify them",
+    )
+    ins.add_argument(
         "--clock-skew",
         type=int,
         default=0,
