@@ -110,7 +110,8 @@ def test_provider_add_is_hilts_byte_for_byte(vectors: Path, case: str) -> None:
 
 
 def test_provider_add_args_put_consumer_first() -> None:
-    """libforge's struct order, which cbor-gen keeps: consumer, then provider."""
+    """As cbor-gen writes libforge's AddArguments: its map keys in canonical order (length,
+    then bytes), so consumer before provider, though the struct declares provider first."""
     raw = provider_add_args("did:key:zSpace", "did:web:svc")
     assert raw == bytes.fromhex("a2") + b"\x68consumer\x6edid:key:zSpace\x68provider\x6bdid:web:svc"
     with pytest.raises(TypeError, match="consumer must be text"):

@@ -348,7 +348,8 @@ def build_customer_add(
 
 def provider_add_args(consumer: str, provider: str) -> bytes:
     """libforge's ``provider.AddArguments`` byte for byte as cbor-gen writes them:
-    ``{consumer, provider}``, ``consumer`` first (which is also DAG-CBOR's order).
+    ``{consumer, provider}``, ``consumer`` first (cbor-gen sorts the keys canonically, by
+    length then bytes, though the struct declares ``Provider`` first).
 
     Raises:
         TypeError: a DID is not text.
