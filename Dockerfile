@@ -20,8 +20,11 @@ RUN uv sync --locked --no-dev --no-editable
 
 # ---- runtime stage ------------------------------------------------------------------------
 FROM python:3.11-slim
+# /data: where `plc serve` (the compose dev profile) keeps its operations; a named volume
+# mounted there starts with this directory's owner, so the non-root user can write it
 RUN groupadd --system --gid 10001 forge \
- && useradd --system --uid 10001 --gid forge --home-dir /home/forge --create-home forge
+ && useradd --system --uid 10001 --gid forge --home-dir /home/forge --create-home forge \
+ && mkdir -p /data && chown forge:forge /data
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -35,6 +35,9 @@ HANDLERS: Final = {
     "did": "worker.produce.keys:did_main",
     "delegate": "worker.produce.keys:delegate_main",
     "enqueue": "worker.produce.enqueue:enqueue_main",
+    "provision": "worker.produce.provision:provision_main",
+    "space-info": "worker.produce.provision:space_info_main",
+    "plc": "worker.produce.plc:plc_main",
 }
 
 
@@ -77,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     p = argparse.ArgumentParser(
         prog="forge-worker",
-        description="The Forge upload service's RabbitMQ inbox for signed UCAN /customer/add "
-        "invocations.",
+        description="The Forge upload service's RabbitMQ inbox for signed UCAN invocations "
+        "(/customer/add, /provider/add, /space/info).",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -92,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("file", metavar="FILE", help="request body or token ('-' for stdin)")
     ins.add_argument("--now", type=int, metavar="UNIX", help="validate at this time (default: now)")
     ins.add_argument("--service-did", metavar="DID", help="also check each invocation's audience")
+    ins.add_argument(
+        "--plc-directory",
+        metavar="URL",
+        help="fetch the documents of did:plc issuers from this PLC directory first (e.g. "
+        "http://127.0.0.1:2582); without it inspect stays offline and cannot verify them",
+    )
     ins.add_argument(
         "--clock-skew",
         type=int,
@@ -154,7 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "a terminal)",
             )
 
-    kg = sub.add_parser("keygen", help="a new Ed25519 key and its DID")
+    kg = sub.add_parser("keygen", help="a new key (Ed25519 or secp256k1) and its DID")
+    kg.add_argument(
+        "--type",
+        dest="key_type",
+        choices=("ed25519", "secp256k1"),
+        default="ed25519",
+        help="ed25519 (default: a service, Hilt, a space) or secp256k1 (a did:plc account's "
+        "key: plc create)",
+    )
     kg.add_argument("--json", action="store_true", help="print one JSON document")
 
     di = sub.add_parser(
@@ -278,6 +295,128 @@ def build_parser() -> argparse.ArgumentParser:
     eq.add_argument("--out", metavar="FILE", help=_OUT_HELP)
     eq.add_argument("--json", action="store_true", help="print one JSON document")
     _setting_flags(eq, ("amqp_url", "queue", "log_format"))
+
+    pv = sub.add_parser(
+        "provision",
+        help="publish /provider/add (provision a space for an account) and optionally await "
+        "the subscription",
+    )
+    pv.add_argument("--key", required=True, metavar="KEY", help="the account's key: " + _KEY_HELP)
+    pv.add_argument(
+        "--as",
+        dest="as_did",
+        metavar="DID",
+        help="sign as this account (a tenant's did:plc, e.g. from plc create); default the "
+        "key's did:key, which the worker refuses as InvalidAccount",
+    )
+    pv.add_argument("--service", required=True, metavar="DID", help="the worker's service DID")
+    pv.add_argument("--space", required=True, metavar="DID", help="the space to provision")
+    pv.add_argument(
+        "--provider", metavar="DID", help="the provider (default --service, the only one allowed)"
+    )
+    pv.add_argument(
+        "--wait", action="store_true", help="wait for the verified receipt: the subscription id"
+    )
+    pv.add_argument(
+        "--receipt",
+        metavar="FILE",
+        help="with --wait: save the verified receipt token here (see inspect FILE)",
+    )
+    pv.add_argument("--out", metavar="FILE", help=_OUT_HELP)
+    pv.add_argument("--json", action="store_true", help="print one JSON document")
+    _setting_flags(pv, ("amqp_url", "queue", "log_format"))
+
+    si = sub.add_parser("space-info", help="ask /space/info: the providers of a space")
+    si.add_argument(
+        "--key",
+        required=True,
+        metavar="KEY",
+        help="the space's key, or a delegate's with --proof: " + _KEY_HELP,
+    )
+    si.add_argument("--as", dest="as_did", metavar="DID", help="sign as this DID")
+    si.add_argument(
+        "--proof", metavar="FILE", help="container with the delegation chain from the space"
+    )
+    si.add_argument("--service", required=True, metavar="DID", help="the worker's service DID")
+    si.add_argument("--space", required=True, metavar="DID", help="the space asked about")
+    si.add_argument("--json", action="store_true", help="print one JSON document")
+    _setting_flags(si, ("amqp_url", "queue", "log_format"))
+    # what provision and space-info share with enqueue
+    for parser in (pv, si):
+        parser.add_argument(
+            "--service-key-did",
+            metavar="DID",
+            help="did:key of the service's key, to verify receipts of a did:web service",
+        )
+        parser.add_argument(
+            "--expires-in",
+            type=int,
+            default=300,
+            metavar="SECONDS",
+            help="invocation lifetime (default 300)",
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="seconds to wait for a receipt after each publish (default 30)",
+        )
+        parser.add_argument(
+            "--attempts",
+            type=int,
+            default=3,
+            metavar="N",
+            help="publish the same invocation up to N times while no receipt comes (default 3)",
+        )
+        parser.add_argument(
+            "--client-id",
+            metavar="ID",
+            help="name of this producer's reply queue <queue>.replies.<ID> (default: random)",
+        )
+
+    plc = sub.add_parser(
+        "plc",
+        help="create a did:plc as Hilt does; serve a PLC directory for development",
+        description="did:plc as Hilt uses it. 'plc serve' is a PLC directory for development "
+        "only: production resolves did:plc from the real directory (https://plc.directory).",
+    )
+    psub = plc.add_subparsers(dest="plc_command", metavar="ACTION", required=True)
+    cr = psub.add_parser(
+        "create",
+        help="register a did:plc for a secp256k1 key (rotation key and method 'hilt')",
+    )
+    cr.add_argument("--key", required=True, metavar="KEY", help="a secp256k1 key: " + _KEY_HELP)
+    cr.add_argument(
+        "--directory",
+        metavar="URL",
+        help="the PLC directory to POST to (default FORGE_WORKER_PLC_DIRECTORY, itself "
+        "https://plc.directory, the real one: give http://127.0.0.1:2582 for plc serve)",
+    )
+    cr.add_argument("--json", action="store_true", help="print one JSON document")
+    sv = psub.add_parser(
+        "serve",
+        help="a PLC directory for development only (production uses https://plc.directory)",
+        description="A PLC directory for development only: production resolves did:plc "
+        "from the real directory (https://plc.directory). POST /{did} stores a genesis "
+        "operation once its signature and hash check out; GET /{did} serves the document "
+        "in plc.directory's format; an unknown DID is 404.",
+    )
+    sv.add_argument(
+        "--port", type=int, default=2582, metavar="N", help="port (default 2582; 0: any free)"
+    )
+    sv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address to bind (default 127.0.0.1; 0.0.0.0 inside a container)",
+    )
+    sv.add_argument(
+        "--data",
+        metavar="FILE",
+        help="keep the operations in FILE (JSON) and reload them at start",
+    )
+    _setting_flags(sv, ("log_format",))
     return p
 
 

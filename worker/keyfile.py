@@ -229,4 +229,6 @@ def read_key(value: str, flag: str = "--key") -> Signer:
     try:
         return Signer.parse(text)
     except UcanError as exc:
-        raise ConfigError(f"{flag}: not a ucantone Ed25519 key in {where} ({exc})") from None
+        raise ConfigError(
+            f"{flag}: not a ucantone Ed25519 or secp256k1 key in {where} ({exc})"
+        ) from None

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from worker.config import PREFIX, setting_fields
+from worker import cli
+from worker.config import PREFIX, Settings, setting_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -196,6 +197,47 @@ def test_dockerignore_keeps_the_image_clean() -> None:
         assert _ignored(path), f"{path} would be sent to the build context"
     for path in ("worker", "schemas", "uv.lock", "pyproject.toml"):
         assert not _ignored(path)
+
+
+def test_dev_profile_adds_a_development_plc_directory(compose: dict[str, Any]) -> None:
+    """Only with ``--profile dev``: the same image serving ``plc serve`` on 2582, its data
+    in a named volume, reachable by the workers (all the container's addresses) and from
+    the host on 127.0.0.1 only, with a healthcheck of its own (the image's is the worker's
+    /readyz)."""
+    services = compose["services"]
+    plc = services["plc"]
+    assert plc["profiles"] == ["dev"]
+    for name in ("rabbitmq", "postgres", "migrate", "worker"):
+        assert "profiles" not in services[name], f"{name} must start without a profile"
+    assert plc["image"] == services["worker"]["image"] and "build" in plc
+    command = _command(plc)
+    assert command == [
+        "forge-worker", "plc", "serve", "--host", "0.0.0.0", "--port", "2582",
+        "--data", "/data/plc.json",
+    ]  # fmt: skip
+    args = cli.build_parser().parse_args(command[1:])
+    assert (args.plc_command, args.host, args.port, args.data) == (
+        "serve",
+        "0.0.0.0",
+        2582,
+        "/data/plc.json",
+    )
+    assert plc["volumes"] == ["plc-data:/data"]
+    assert all(str(p).startswith("127.0.0.1:") for p in plc["ports"])
+    check = " ".join(_strings(plc["healthcheck"]))
+    assert "http://127.0.0.1:2582/_health" in check and "readyz" not in check
+    # the image's non-root user owns /data, where the named volume is mounted
+    runs = " ".join(rest for instr, rest in _dockerfile_instructions() if instr == "RUN")
+    assert "mkdir -p /data && chown forge:forge /data" in runs
+
+
+def test_worker_plc_directory_comes_from_env(compose: dict[str, Any]) -> None:
+    """The real directory unless .env names another (the dev profile's http://plc:2582)."""
+    env = _environment(compose["services"]["worker"])
+    default = Settings.__dataclass_fields__["plc_directory"].default
+    assert default == "https://plc.directory"
+    assert env["FORGE_WORKER_PLC_DIRECTORY"] == "${FORGE_WORKER_PLC_DIRECTORY:-" + default + "}"
+    assert "http://plc:2582" in ENV_EXAMPLE.read_text()
 
 
 def test_forge_worker_variables_are_real_settings(compose: dict[str, Any]) -> None:

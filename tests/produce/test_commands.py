@@ -213,7 +213,7 @@ def test_read_key_errors_never_echo_the_key(tmp_path: Path, key: Signer) -> None
         read_key(str(bad_json))
 
 
-@pytest.mark.parametrize("command", ["enqueue", "delegate"])
+@pytest.mark.parametrize("command", ["enqueue", "delegate", "provision", "space-info", "plc"])
 def test_a_key_on_the_command_line_exits_2(
     command: str, key: Signer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -221,8 +221,12 @@ def test_a_key_on_the_command_line_exits_2(
     argv = {
         "enqueue": ["--service", key.did, "--customer", "did:plc:a", "--product", "did:web:p"],
         "delegate": ["--to", HILT, "--command", "/customer/add", "--out", str(out)],
+        "provision": ["--service", key.did, "--space", HILT, "--out", str(out)],
+        "space-info": ["--service", key.did, "--space", key.did],
+        "plc": ["--directory", "http://127.0.0.1:9"],
     }[command]
-    assert cli.main([command, "--key", key.export(), *argv]) == cli.EXIT_USAGE
+    head = ["plc", "create"] if command == "plc" else [command]
+    assert cli.main([*head, "--key", key.export(), *argv]) == cli.EXIT_USAGE
     captured = capsys.readouterr()
     assert "--key: a key's text on the command line is refused" in captured.err
     assert key.export() not in captured.err + captured.out
@@ -230,9 +234,9 @@ def test_a_key_on_the_command_line_exits_2(
 
 
 def test_help_says_how_to_give_a_key(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("enqueue", "delegate"):
+    for command in ("enqueue", "delegate", "provision", "space-info", "plc create"):
         with pytest.raises(SystemExit):
-            cli.main([command, "--help"])
+            cli.main([*command.split(), "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "@FILE" in text and "standard input" in text and "refused" in text
 
@@ -355,6 +359,30 @@ def test_keygen_text(capsys: pytest.CaptureFixture[str]) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("did: did:key:z6Mk") and lines[1].startswith("key: ")
     assert Signer.parse(lines[1].removeprefix("key: ")).did == lines[0].removeprefix("did: ")
+
+
+def test_keygen_secp256k1_in_ucantones_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--type secp256k1: a did:plc account's key, 0x81 0x26 + the 32-byte scalar in base64
+    (what Hilt keeps in its vault), whose did:key is zQ3s...; read back by --key."""
+    assert cli.main(["keygen", "--type", "secp256k1", "--json"]) == cli.EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"did", "key"}
+    raw = base64.b64decode(doc["key"], validate=True)
+    assert raw[:2] == b"\x81\x26" and len(raw) == 34
+    assert doc["did"].startswith("did:key:zQ3s")
+    signer = Signer.parse(doc["key"])
+    assert signer.kind == "secp256k1" and signer.did == doc["did"]
+    path = tmp_path / "tenant.json"
+    path.write_text(json.dumps(doc))
+    assert read_key(str(path)).did == doc["did"]
+    # the default stays Ed25519, and nothing else is a type
+    assert cli.main(["keygen", "--type", "ed25519", "--json"]) == cli.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["did"].startswith("did:key:z6Mk")
+    with pytest.raises(SystemExit):
+        cli.main(["keygen", "--type", "rsa"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def _delegate(tmp_path: Path, key: Signer, *extra: str) -> Delegation:
@@ -618,3 +646,61 @@ def test_enqueue_out_refuses_what_needs_the_broker(
     argv = ["enqueue", "--key", key_file, "--service", key.did, *regs]
     assert cli.main([*argv, *extra, "--out", str(out)]) == cli.EXIT_USAGE
     assert not out.exists()
+
+
+# --- provision, space-info ---------------------------------------------------------------
+
+
+def test_provision_arguments() -> None:
+    argv = ["provision", "--key", "@t.json", "--as", "did:plc:x", "--service", "did:web:s"]
+    args = cli.build_parser().parse_args([*argv, "--space", "did:key:z6Mk", "--wait"])
+    assert (args.command, args.as_did, args.provider, args.wait) == (
+        "provision",
+        "did:plc:x",
+        None,  # the service, once the DIDs are checked
+        True,
+    )
+    assert (args.expires_in, args.attempts, args.timeout) == (300, 3, 30.0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--as", "not-a-did"],
+        ["--space", "nope"],
+        ["--provider", "also nope"],
+        ["--receipt", "r.bin"],  # needs --wait
+        ["--out", "x.cbor", "--wait"],
+        ["--expires-in", "0"],
+        ["--attempts", "0"],
+    ],
+)
+def test_provision_usage_errors_exit_2(
+    extra: list[str], key: Signer, key_file: str, tmp_path: Path
+) -> None:
+    argv = ["provision", "--key", key_file, "--service", key.did, "--space", HILT]
+    assert cli.main([*argv, *extra]) == cli.EXIT_USAGE
+    assert not (tmp_path / "x.cbor").exists()
+
+
+def test_provision_unreachable_broker_exits_3(
+    key_file: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FORGE_WORKER_AMQP_URL", f"amqp://guest:pw@127.0.0.1:{_closed_port()}/")
+    service = Signer.generate().did
+    for argv in (
+        [
+            "provision",
+            "--key",
+            key_file,
+            "--service",
+            service,
+            "--space",
+            HILT,
+            "--as",
+            "did:plc:a",
+        ],
+        ["space-info", "--key", key_file, "--service", service, "--space", read_key(key_file).did],
+    ):
+        assert cli.main(argv) == cli.EXIT_UNREACHABLE
+        assert "cannot reach the broker" in capsys.readouterr().err

@@ -1,14 +1,23 @@
 """``forge-worker inspect``: decode a request body, response or token file offline, validate
-each invocation and verify each receipt's signature."""
+each invocation and verify each receipt's signature.
+
+Offline, a did:plc issuer (an account's ``/provider/add``) cannot be verified: its keys are
+in its document at the PLC directory. ``--plc-directory URL`` fetches the documents of the
+file's did:plc issuers first (``GET URL/{did}``, as the worker does) and validates with them;
+that is the one request ``inspect`` then makes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Final
+
+import aiohttp
 
 from worker.config import Settings
 from worker.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE
@@ -16,6 +25,7 @@ from worker.ucan import (
     CID,
     DecodeError,
     Delegation,
+    DidDocument,
     Invocation,
     Receipt,
     Request,
@@ -24,13 +34,20 @@ from worker.ucan import (
     ValidationError,
     check_audience,
     decode_request,
+    parse_plc_document,
+    plc_did_problem,
     to_dag_json,
     validate_invocation,
     verify_signature,
 )
+from worker.ucan.plc import MAX_DOCUMENT_SIZE
 
 #: the largest file ``inspect`` reads (a request body is at most 1 MiB by default)
 MAX_FILE: Final = 16 << 20
+#: most did:plc issuers of one file resolved with ``--plc-directory`` (the worker's bound)
+MAX_PLC_DIDS: Final = 16
+#: seconds each document may take (ucantone's resolver allows 10 s)
+PLC_TIMEOUT: Final = 10.0
 
 
 def _kind(tok: Invocation | Delegation | Receipt) -> str:
@@ -59,6 +76,46 @@ def _resolver(settings: Settings, service_did: str | None) -> Resolver:
     except DecodeError:
         return Resolver()
     return Resolver({did: [signer.public_key]})
+
+
+def plc_documents(
+    request: Request, directory: str
+) -> tuple[dict[str, DidDocument], dict[str, str]]:
+    """The documents of the request's did:plc issuers at ``directory``, and for each DID it
+    could not give, the text a worker's receipt would carry (``unexpected status: 404``)."""
+    dids = [
+        did
+        for did in dict.fromkeys(t.iss for t in request.tokens)
+        if did.startswith("did:plc:") and plc_did_problem(did) is None
+    ][:MAX_PLC_DIDS]
+    if not dids:
+        return {}, {}
+    return asyncio.run(_fetch_documents(directory.rstrip("/"), dids))
+
+
+async def _fetch_documents(
+    directory: str, dids: list[str]
+) -> tuple[dict[str, DidDocument], dict[str, str]]:
+    documents: dict[str, DidDocument] = {}
+    failures: dict[str, str] = {}
+    timeout = aiohttp.ClientTimeout(total=PLC_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for did in dids:
+            try:
+                async with session.get(f"{directory}/{did}", allow_redirects=False) as resp:
+                    body = await resp.content.read(MAX_DOCUMENT_SIZE + 1)
+                    status = resp.status
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                failures[did] = f"performing HTTP request: {type(exc).__name__}: {exc}"
+                continue
+            if status != 200:
+                failures[did] = f"unexpected status: {status} (the PLC directory at {directory})"
+                continue
+            try:
+                documents[did] = parse_plc_document(body, did)
+            except DecodeError as exc:
+                failures[did] = f"{exc} (from {directory})"
+    return documents, failures
 
 
 def _read(path: str) -> bytes:
@@ -209,12 +266,16 @@ def inspect_main(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_CHECK_FAILED
     now = int(time.time()) if args.now is None else int(args.now)
     skew = int(getattr(args, "clock_skew", 0) or 0)
+    resolver = _resolver(settings, args.service_did)
+    directory = getattr(args, "plc_directory", None)
+    if directory:
+        resolver = resolver.with_documents(*plc_documents(request, directory))
     doc = report(
         request,
         now=now,
         clock_skew=skew,
         service_did=args.service_did,
-        resolver=_resolver(settings, args.service_did),
+        resolver=resolver,
     )
     if args.json:
         for reason in request.dropped:

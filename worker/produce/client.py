@@ -1,4 +1,15 @@
-"""The producer side (Hilt's): sign ``/customer/add``, publish it, await a verified receipt.
+"""The producer side (Hilt's): sign ``/customer/add``, ``/provider/add`` and ``/space/info``,
+publish them, await a verified receipt.
+
+The three invocations, each built as its Go producer builds it:
+
+* ``/customer/add`` (Hilt's ``RegisterCustomer``): issuer Hilt, ``aud`` = ``sub`` = the
+  service, with the delegation chain from the service;
+* ``/provider/add`` (Hilt's ``ProvisionSpace``): issuer = subject = the account (a tenant's
+  ``did:plc`` signing with its secp256k1 key), ``aud`` = the service, no proofs, args
+  ``{consumer: space, provider}``;
+* ``/space/info``: subject = the space, issuer the space or the holder of a delegation chain
+  from it, ``aud`` = the service, args ``{}``.
 
 A request is what Hilt would send over HTTP with ucantone: a raw ``{"ctn-v1": [...]}``
 container (no header byte) holding the invocation and the delegations its ``prf`` names.
@@ -46,19 +57,19 @@ Errors::
         └── ProofError       the delegations do not authorize the issuer for the command
 
 A broker that cannot be reached at connect time raises :class:`worker.errors.Unreachable`.
+
+The pure parts (the errors, building and signing requests, verifying a response) live in
+:mod:`worker.produce.invocations`; every name is re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, get_args
 
@@ -75,34 +86,82 @@ from worker.amqp.connect import redact
 from worker.amqp.publish import PublishFailed as _BrokerPublishFailed
 from worker.amqp.publish import publish_confirmed
 from worker.amqp.topology import CONTENT_TYPE, DIRECT_REPLY_TO
-from worker.errors import Unreachable, WorkerError
-from worker.ucan import (
-    CID,
-    DecodeError,
-    Delegation,
-    Receipt,
-    Resolver,
-    Signer,
-    ValidationError,
-    customer_add_args,
-    decode_request,
-    encode_container,
-    encode_invocation,
-    task_cid,
-    verify_signature,
+from worker.errors import Unreachable
+from worker.produce.invocations import (
+    CUSTOMER_ADD,
+    DEFAULT_LIFETIME,
+    NONCE_SIZE,
+    PROVIDER_ADD,
+    RECEIPT_COMMAND,
+    SPACE_INFO,
+    SPACE_INFO_ARGS,
+    ClientError,
+    CustomerAdd,
+    InvalidReceipt,
+    Outcome,
+    ProofError,
+    Provisioned,
+    PublishFailed,
+    ReceiptError,
+    ReceiptTimeout,
+    SignedRequest,
+    SpaceInfo,
+    build_customer_add,
+    build_provider_add,
+    build_space_info,
+    command_covers,
+    load_proofs,
+    proof_chain,
+    provider_add_args,
+    receipt_problem,
+    verify_response,
 )
+from worker.ucan import DecodeError, Delegation, Resolver, Signer, decode_request
 from worker.ucan.keys import PublicKey, did_key_public
 
-CUSTOMER_ADD: Final = "/customer/add"
-RECEIPT_COMMAND: Final = "/ucan/assert/receipt"
+__all__ = [
+    "CUSTOMER_ADD",
+    "DEFAULT_LIFETIME",
+    "DEFAULT_QUEUE",
+    "DEFAULT_REPLY",
+    "DEFAULT_REPLY_QUEUE_EXPIRES",
+    "DEFAULT_TIMEOUT",
+    "NONCE_SIZE",
+    "PROVIDER_ADD",
+    "RECEIPT_COMMAND",
+    "REPLY_MODES",
+    "SPACE_INFO",
+    "SPACE_INFO_ARGS",
+    "Client",
+    "ClientError",
+    "CustomerAdd",
+    "InvalidReceipt",
+    "Outcome",
+    "ProofError",
+    "Provisioned",
+    "PublishFailed",
+    "ReceiptError",
+    "ReceiptTimeout",
+    "ReplyMode",
+    "SignedRequest",
+    "SpaceInfo",
+    "build_customer_add",
+    "build_provider_add",
+    "build_space_info",
+    "command_covers",
+    "load_proofs",
+    "proof_chain",
+    "provider_add_args",
+    "reply_queue_arguments",
+    "reply_queue_name",
+    "verify_response",
+]
+
 DEFAULT_QUEUE: Final = "ucan.invocations"
-#: seconds an invocation stays valid; longer than ucantone's 30 s because it may wait in a queue
-DEFAULT_LIFETIME: Final = 300
 #: seconds to wait for a receipt after each publish
 DEFAULT_TIMEOUT: Final = 30.0
 #: seconds an unused reply queue lives on (RabbitMQ ``x-expires``)
 DEFAULT_REPLY_QUEUE_EXPIRES: Final = 3600
-NONCE_SIZE: Final = 16
 CONNECT_TIMEOUT: Final = 10.0
 PUBLISH_TIMEOUT: Final = 30.0
 #: responses kept for a later call()/wait() when they arrive before anyone waits
@@ -118,281 +177,11 @@ REPLY_MODES: Final[tuple[str, ...]] = get_args(ReplyMode)
 DEFAULT_REPLY: Final[ReplyMode] = "queue"
 
 
-# --- errors ------------------------------------------------------------------------------
-
-
-class ClientError(WorkerError):
-    """Root of the producer's errors; ``name`` is a short machine-readable token."""
-
-    name: str = "ClientError"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class ReceiptError(ClientError):
-    """The service answered with a verified error receipt.
-
-    Attributes:
-        name: the receipt's error name (ucantone's, e.g. ``"MatchError"``).
-        message: the receipt's error message.
-        task: the task the receipt is about.
-        receipt: the verified receipt.
-    """
-
-    def __init__(self, name: str, message: str, *, task: CID, receipt: Receipt) -> None:
-        super().__init__(message)
-        self.name = name
-        self.task = task
-        self.receipt = receipt
-
-    def __str__(self) -> str:
-        return f"{self.name}: {self.message}"
-
-
-class InvalidReceipt(ClientError):
-    """Responses arrived but none holds a receipt for the task that verifies."""
-
-    name = "InvalidReceipt"
-
-
-class ReceiptTimeout(ClientError):
-    """No response arrived in time (after every attempt)."""
-
-    name = "Timeout"
-
-
-class PublishFailed(ClientError):
-    """The broker did not take the request: returned (no such queue), nacked, or lost."""
-
-    name = "PublishFailed"
-
-
 #: what to check after each way a publish can fail (see worker.amqp.publish.PublishFailed.kind)
 _PUBLISH_HINTS: Final = {
     "returned": " (no such queue: is the worker running?)",
     "nacked": " (is the inbox full?)",
 }
-
-
-class ProofError(ClientError):
-    """The delegations at hand do not authorize the issuer to invoke the command."""
-
-    name = "ProofError"
-
-
-# --- building requests (pure) ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CustomerAdd:
-    """The arguments of one ``/customer/add`` (libforge's ``AddArguments``)."""
-
-    customer: str
-    product: str
-    details: Mapping[str, str] = field(default_factory=dict)
-    external_account: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SignedRequest:
-    """A signed invocation and the container that carries it with its proofs."""
-
-    #: the invocation's envelope bytes
-    invocation: bytes
-    #: the invocation's CID (also the AMQP ``correlation_id``)
-    cid: CID
-    #: the task CID a receipt's ``ran`` must equal
-    task: CID
-    #: the message body: raw container of the invocation and its proofs, no header byte
-    body: bytes
-    #: the invocation's ``exp`` (unix seconds)
-    exp: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """A verified ok receipt."""
-
-    task: CID
-    receipt: Receipt
-    #: the receipt's ``ok`` value (``{}`` for ``/customer/add``)
-    ok: object
-
-
-def command_covers(granted: str, wanted: str) -> bool:
-    """Whether a delegation of ``granted`` covers ``wanted`` (``/`` covers all, segment-wise)."""
-    return granted == "/" or wanted == granted or wanted.startswith(granted + "/")
-
-
-def proof_chain(
-    delegations: Iterable[Delegation], *, issuer: str, subject: str, command: str, now: int
-) -> list[Delegation]:
-    """The delegation chain, root first, from ``subject`` to ``issuer`` for ``command``.
-
-    Expired delegations and ones that do not cover ``command`` are ignored; among several
-    chains the shortest is taken. An issuer equal to the subject needs no chain.
-
-    Raises:
-        ProofError: no chain exists.
-    """
-    if issuer == subject:
-        return []
-    usable = [
-        d
-        for d in delegations
-        if command_covers(d.cmd, command)
-        and (d.sub is None or d.sub == subject)
-        and (d.exp is None or d.exp > now)
-    ]
-    # breadth-first from the issuer back towards the subject, so the first hit is shortest
-    frontier: list[tuple[str, list[Delegation]]] = [(issuer, [])]
-    seen = {issuer}
-    while frontier:
-        next_frontier: list[tuple[str, list[Delegation]]] = []
-        for audience, tail in frontier:
-            for d in usable:
-                if d.aud != audience or d in tail:
-                    continue
-                chain = [d, *tail]
-                if d.iss == subject and d.sub is not None:
-                    return chain
-                if d.iss not in seen:
-                    seen.add(d.iss)
-                    next_frontier.append((d.iss, chain))
-        frontier = next_frontier
-    raise ProofError(
-        f"cannot invoke {command!r} on {subject!r} as {issuer!r}: no unexpired delegation "
-        "chain from the subject to the issuer among the proofs"
-    )
-
-
-def load_proofs(path: str | os.PathLike[str]) -> list[Delegation]:
-    """The delegations in a container file (any form CONTRACT §4 accepts, or a bare token).
-
-    Raises:
-        ProofError: the file cannot be read or holds no delegation.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ProofError(f"cannot read proofs from {str(path)!r}: {exc.strerror}") from None
-    try:
-        request = decode_request(data, max_size=16 << 20)
-    except DecodeError as exc:
-        raise ProofError(f"cannot read proofs from {str(path)!r}: {exc}") from None
-    if not request.delegations:
-        raise ProofError(f"cannot read proofs from {str(path)!r}: it holds no delegation")
-    return list(request.delegations.values())
-
-
-def build_customer_add(
-    signer: Signer,
-    service_did: str,
-    args: CustomerAdd,
-    *,
-    proofs: Sequence[Delegation] = (),
-    lifetime: int | None = DEFAULT_LIFETIME,
-    now: int | None = None,
-    nonce: bytes | None = None,
-) -> SignedRequest:
-    """Sign a ``/customer/add`` the way Hilt does, and frame it with its proofs.
-
-    Hilt's shape (ucantone ``invocation.Invoke`` with ``WithAudience``): ``iss`` = the
-    signer, ``aud`` = ``sub`` = the service, ``prf`` = the chain root first, ``exp`` = now +
-    ``lifetime``, a 16-byte random nonce, no ``iat``; ``args`` encoded as libforge does
-    (``details`` in Go's ``sort.Strings`` order).
-
-    Args:
-        signer: the producer's identity.
-        service_did: the worker's service DID (audience and subject).
-        args: the registration.
-        proofs: delegations to pick the chain from (see :func:`proof_chain`).
-        lifetime: seconds until ``exp``; ``None`` for no expiry.
-        now: the clock (unix seconds), default the system clock.
-        nonce: default 16 random bytes.
-
-    Raises:
-        ProofError: the proofs do not authorize the signer.
-    """
-    now = int(time.time()) if now is None else now
-    chain = proof_chain(
-        proofs, issuer=signer.did, subject=service_did, command=CUSTOMER_ADD, now=now
-    )
-    args_raw = customer_add_args(
-        args.customer, args.product, dict(args.details), args.external_account
-    )
-    nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-    exp = None if lifetime is None else now + lifetime
-    token = encode_invocation(
-        signer,
-        sub=service_did,
-        aud=service_did,
-        cmd=CUSTOMER_ADD,
-        args_raw=args_raw,
-        exp=exp,
-        nonce=nonce,
-        prf=[d.cid for d in chain],
-    )
-    body = encode_container([token, *(d.raw for d in chain)])
-    return SignedRequest(
-        invocation=token,
-        cid=CID.dag_cbor(token),
-        task=task_cid(CUSTOMER_ADD, service_did, args_raw, nonce),
-        body=body,
-        exp=exp,
-    )
-
-
-def verify_response(
-    request: SignedRequest, body: bytes, *, service_did: str, resolver: Resolver | None = None
-) -> Outcome:
-    """Find and verify the receipt for ``request`` in a response body.
-
-    The receipt must be signed by ``service_did`` (``iss`` = ``sub``), have command
-    ``/ucan/assert/receipt`` and no ``aud``, and its ``ran`` must be the request's task.
-
-    Raises:
-        InvalidReceipt: no such receipt, or it does not verify.
-        ReceiptError: a verified error receipt.
-    """
-    try:
-        response = decode_request(body, max_size=16 << 20)
-    except DecodeError as exc:
-        raise InvalidReceipt(f"cannot read the response for task {request.task}: {exc}") from None
-    receipts = [r for r in response.receipts if r.ran == request.task]
-    if not receipts:
-        raise InvalidReceipt(f"cannot find a receipt for task {request.task} in the response")
-    problems: list[str] = []
-    for receipt in receipts:
-        problem = _receipt_problem(receipt, service_did, resolver or Resolver())
-        if problem is not None:
-            problems.append(problem)
-            continue
-        if receipt.error is not None:
-            raise ReceiptError(
-                str(receipt.error.get("name", "UnknownError")),
-                str(receipt.error.get("message", "")),
-                task=request.task,
-                receipt=receipt,
-            )
-        return Outcome(task=request.task, receipt=receipt, ok=receipt.ok)
-    raise InvalidReceipt(f"cannot verify the receipt for task {request.task}: {problems[0]}")
-
-
-def _receipt_problem(receipt: Receipt, service_did: str, resolver: Resolver) -> str | None:
-    if receipt.cmd != RECEIPT_COMMAND:
-        return f"command is {receipt.cmd!r}, not {RECEIPT_COMMAND!r}"
-    if receipt.aud is not None:
-        return f"a receipt has no audience, this one has {receipt.aud!r}"
-    if receipt.iss != service_did or receipt.sub != service_did:
-        return f"issued by {receipt.iss!r} about {receipt.sub!r}, expected {service_did!r}"
-    try:
-        verify_signature(receipt, resolver)
-    except ValidationError as exc:
-        return f"{exc.name}: {exc.message}"
-    return None
 
 
 def reply_queue_arguments(expires: int = DEFAULT_REPLY_QUEUE_EXPIRES) -> dict[str, object]:
@@ -435,9 +224,11 @@ class _Waiter:
 
 
 class Client:
-    """Publishes signed ``/customer/add`` invocations and awaits their verified receipts.
+    """Publishes signed invocations and awaits their verified receipts.
 
-    Use it as ``async with Client(...) as client: await client.add_customer(...)``.
+    Use it as ``async with Client(...) as client: await client.add_customer(...)``;
+    ``provision(space)`` (``/provider/add`` by the signer's account) and
+    ``space_info(space)`` (``/space/info``) likewise.
     """
 
     def __init__(
@@ -459,10 +250,14 @@ class Client:
     ) -> None:
         """Args:
         amqp_url: the broker.
-        signer: the producer's identity (Hilt's key, possibly ``with_did``).
-        service_did: the worker's service DID: audience and subject of every invocation,
-            and the only accepted issuer of receipts.
-        proofs: delegations from the service to the signer (e.g. :func:`load_proofs`).
+        signer: the producer's identity (Hilt's key, possibly ``with_did``; for
+            :meth:`provision`, the account: a tenant's secp256k1 key ``with_did`` its
+            did:plc).
+        service_did: the worker's service DID: the audience of every invocation (and the
+            subject of ``/customer/add``), and the only accepted issuer of receipts.
+        proofs: delegations to the signer (e.g. :func:`load_proofs`): from the service for
+            ``/customer/add``, from a space for ``/space/info``; each request takes the
+            chain it needs.
         queue: the worker's inbox.
         client_id: names the reply queue; give a stable one to collect replies across
             restarts (one live client per id). Default: random.
@@ -746,7 +541,7 @@ class Client:
         except DecodeError:
             return False
         return any(
-            _receipt_problem(r, self.service_did, self.resolver) is None for r in response.receipts
+            receipt_problem(r, self.service_did, self.resolver) is None for r in response.receipts
         )
 
     async def add_customer(
@@ -767,6 +562,67 @@ class Client:
         """
         request = self.build(CustomerAdd(customer, product, details or {}, external_account))
         return await self.call(request, timeout=timeout, attempts=attempts)
+
+    def build_provision(
+        self, space: str, provider: str | None = None, *, now: int | None = None
+    ) -> SignedRequest:
+        """A signed ``/provider/add`` of ``space`` by this client's signer (the account)."""
+        return build_provider_add(
+            self.signer, self.service_did, space, provider, lifetime=self.lifetime, now=now
+        )
+
+    def build_space_info(self, space: str, *, now: int | None = None) -> SignedRequest:
+        """A signed ``/space/info`` about ``space`` with this client's identity and proofs."""
+        return build_space_info(
+            self.signer,
+            self.service_did,
+            space,
+            proofs=self.proofs,
+            lifetime=self.lifetime,
+            now=now,
+        )
+
+    async def provision(
+        self,
+        space: str,
+        provider: str | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per attempt, between resends
+        attempts: int = 1,
+    ) -> Provisioned:
+        """Provision ``space`` for this client's account (``/provider/add``, as Hilt's
+        ``ProvisionSpace``) and return the verified outcome with its subscription id.
+
+        Args:
+            space: the space DID (the ``consumer``).
+            provider: default the service (the only provider the worker allows).
+
+        Raises:
+            ReceiptError: the service refused it; ``.name`` is sprue's (``InvalidAccount``,
+                ``AccountPlanMissing``, ``ProviderNotAllowed``, ``ConsumerExists``) or
+                ucantone's (e.g. ``InvalidSignature``, ``UnknownError`` for a did:plc the
+                directory does not know).
+            InvalidReceipt, ReceiptTimeout, PublishFailed: see :meth:`call`.
+        """
+        request = self.build_provision(space, provider)
+        return Provisioned.of(await self.call(request, timeout=timeout, attempts=attempts))
+
+    async def space_info(
+        self,
+        space: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per attempt, between resends
+        attempts: int = 1,
+    ) -> SpaceInfo:
+        """The providers ``space`` is provisioned with (``/space/info``), verified.
+
+        Raises:
+            ReceiptError: e.g. ``UnknownSpace`` (no provider yet).
+            ProofError: the signer is not the space and holds no delegation chain from it.
+            InvalidReceipt, ReceiptTimeout, PublishFailed: see :meth:`call`.
+        """
+        request = self.build_space_info(space)
+        return SpaceInfo.of(await self.call(request, timeout=timeout, attempts=attempts))
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         key = message.correlation_id or ""

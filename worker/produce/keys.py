@@ -29,8 +29,14 @@ DEFAULT_DELEGATION_LIFETIME: Final = 365 * 24 * 3600
 
 
 def keygen_main(args: argparse.Namespace, settings: Settings) -> int:
-    """``keygen``: a new Ed25519 key and its did:key (the only command that prints a key)."""
-    signer = Signer.generate()
+    """``keygen``: a new key and its did:key (the only command that prints a key).
+
+    ``--type ed25519`` (the default: services, Hilt, spaces) or ``secp256k1`` (a did:plc's
+    rotation and signing key, as Hilt makes for each tenant: ``plc create``). The key is in
+    ucantone's format: base64 (padded) of ``0x80 0x26`` + the Ed25519 seed, or ``0x81 0x26``
+    + the secp256k1 scalar (what Hilt keeps in its vault).
+    """
+    signer = Signer.generate(args.key_type)
     if args.json:
         print(json.dumps({"did": signer.did, "key": signer.export()}))
     else:
