@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting_flags(run)
 
     mig = sub.add_parser("migrate", help="apply pending database migrations and exit")
-    _setting_flags(mig, ("database_url", "log_format"))
+    _setting_flags(mig, ("database_url", "database_pooler", "log_format"))
 
     ins = sub.add_parser("inspect", help="decode and validate a request body or token file offline")
     ins.add_argument("file", metavar="FILE", help="request body or token ('-' for stdin)")

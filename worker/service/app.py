@@ -143,11 +143,8 @@ async def _end_stragglers(stragglers: set[asyncio.Future[Any]]) -> None:
 
 async def _migrate(pool: asyncpg.Pool) -> list[store.Migration]:
     try:
-        async with pool.acquire() as conn:
-            try:
-                return await store.migrate(conn)
-            finally:  # the pool does not reset session state (see store.create_pool)
-                await conn.reset()
+        async with pool.acquire() as conn:  # (transaction-level locks: no session to reset)
+            return await store.migrate(conn)
     except store.CONNECTION_ERRORS as exc:
         raise Unreachable(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
 
@@ -181,7 +178,7 @@ async def running(
         receipt_queue=settings.receipt_queue,
     )
     async with contextlib.AsyncExitStack() as stack:
-        app.pool = await store.create_pool(settings.database_url)
+        app.pool = await store.create_pool(settings.database_url, pooler=settings.database_pooler)
         stack.push_async_callback(app.pool.close)
         app.health.pool = app.pool
         applied = await _migrate(app.pool)
