@@ -14,7 +14,9 @@ b. **drain**: ``forge-worker run`` (uvloop) drains a backlog of N pre-signed ``/
    ``details``, a new customer each) to confirmed receipts. Receipts are counted on the
    reply queue by polling its depth; the time runs from the first consume (the inbox depth
    drops) to the last receipt. Three drains (``--repeat``), a fresh process and inbox each;
-   the median is reported. Repeated with two worker processes (competing consumers).
+   the median is reported. Repeated with two worker processes (competing consumers):
+   ``forge-worker run --processes 2`` (a supervisor and two worker processes; the default)
+   or, with ``--two-mode separate``, two ``run`` processes started side by side.
 c. **latency**: the same single worker at a steady offered load of half of (b): requests
    are published at a fixed rate (what fell due, every ``--tick`` ms, in one write) and each
    receipt's arrival is matched to its request by ``correlation_id``; p50/p99 are taken
@@ -262,6 +264,8 @@ class WorkerRun:
     log_dir: Path
     amqp_url: str
     entry: str = "worker.cli"
+    #: several processes as ``run --processes N`` (supervisor) or N ``run`` (separate)
+    mode: str = "supervisor"
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     restarts: int = 0
 
@@ -300,7 +304,11 @@ class WorkerRun:
     def start(self, extra: Sequence[str] = (), count: int | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs = [p for p in self.procs if p.poll() is None]
-        for i in range(self.processes if count is None else count):
+        n = self.processes if count is None else count
+        if self.mode == "supervisor" and self.processes > 1:
+            # one supervisor of all of them (a restart after exit 3 starts the group again)
+            extra, n = ("--processes", str(self.processes), *extra), 1
+        for i in range(n):
             log = (self.log_dir / f"worker-{self.queue}-{i}.log").open("ab")
             self.procs.append(
                 subprocess.Popen(
@@ -816,6 +824,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 c.RESULTS / "logs",
                 url,
                 args.worker_entry,
+                args.two_mode,
             )
             runs.append(two)
             queues += _worker_queue_names(two.queue, two.reply)
@@ -833,6 +842,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if args.two:
             result["worker2_msgs_per_s"] = result["drain_2"]["msgs_per_s"]
             result["ratio2"] = round(result["drain_2"]["msgs_per_s"] / ceiling, 3)
+            result["two_mode"] = args.two_mode
+            # 2 processes against 1, median drain against median drain
+            result["speedup_2_vs_1"] = round(
+                result["drain_2"]["msgs_per_s"] / float(d1["msgs_per_s"]), 3
+            )
         return result
     finally:
         if pool is not None:
@@ -946,11 +960,17 @@ def print_table(r: dict[str, Any]) -> None:
             d2 = r["drain_2"]
             rows += [
                 (
-                    f"worker, 2 processes, {d2['n']:,} backlog",
+                    f"worker, 2 processes ({r.get('two_mode')}), {d2['n']:,} backlog",
                     f"{d2['msgs_per_s']:,.0f}",
                     f"msg/s ({d2['mid_msgs_per_s']:,.0f} in 10-90%), cores {d2['cores']}",
                 ),
                 ("  ratio to ceiling", f"{r['ratio2']:.2f}", ""),
+                (
+                    "  2 processes / 1 process",
+                    f"{r['speedup_2_vs_1']:.2f}",
+                    f"x (drains: 1 process {d1['runs_msgs_per_s']}, "
+                    f"2 processes {d2['runs_msgs_per_s']} msg/s)",
+                ),
             ]
         lt = r["latency"]
         rows += [
@@ -993,6 +1013,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="requests the 2-process run drains (default: min(backlog, 20000))",
     )
     p.add_argument("--no-two", dest="two", action="store_false", help="skip the 2-process run")
+    p.add_argument(
+        "--two-mode",
+        choices=("supervisor", "separate"),
+        default="supervisor",
+        help="2 processes as 'run --processes 2' (default) or as two 'run' side by side",
+    )
     p.add_argument("--ceiling-n", type=int, default=12000, help="messages per ceiling run")
     p.add_argument("--ceiling-runs", type=int, default=3, help="ceiling runs before the worker")
     p.add_argument(
@@ -1049,6 +1075,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ceiling_msgs_per_s",
         "worker_msgs_per_s",
         "ratio",
+        "worker2_msgs_per_s",
+        "speedup_2_vs_1",
         "p50_ms",
         "p99_ms",
         "rss_mb",

@@ -109,3 +109,63 @@ def test_setting_help_says_where_secrets_go() -> None:
     assert "refused as a flag" in helps["service_key"]
     assert "no password in the flag" in helps["amqp_url"] and "@FILE" in helps["amqp_url"]
     assert "no password in the flag" in helps["database_url"]
+
+
+def test_settings_go_to_a_child_process_as_variables_and_come_back_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``run --processes N`` hands its settings, flags included, to its worker processes as
+    FORGE_WORKER_* variables: load() of them gives the same settings (secrets too, never
+    in an argument)."""
+    from worker.ucan import Signer
+
+    key = Signer.generate().export()
+    s = config.load(
+        {"FORGE_WORKER_SERVICE_KEY": key, "FORGE_WORKER_RETRY_DELAYS": "2,7"},
+        {
+            "amqp_url": "amqp://guest@broker:5672/",
+            "database_pooler": "pgbouncer",
+            "processes": "3",
+            "allow_provision_without_plan": "true",
+            "service_did": "did:web:upload.example",
+            "log_format": "console",
+        },
+    )
+    env = config.environ_of(s)
+    assert config.load(env) == s
+    assert env["FORGE_WORKER_SERVICE_KEY"] == key and "FORGE_WORKER_SERVICE_KEY_FILE" not in env
+    assert env["FORGE_WORKER_RETRY_DELAYS"] == "2,7"
+    assert config.load(config.environ_of(config.Settings())) == config.Settings()
+
+    monkeypatch.setenv("FORGE_WORKER_QUEUE", "inherited")
+    monkeypatch.setenv("UNRELATED", "kept")
+    child = config.process_environ(s, FORGE_WORKER_PROCESSES="1")
+    assert child["FORGE_WORKER_QUEUE"] == "ucan.invocations"  # the settings', not inherited
+    assert child["UNRELATED"] == "kept" and child["FORGE_WORKER_PROCESSES"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("var", "raw", "attr", "value"),
+    [
+        ("FORGE_WORKER_PROCESSES", "0", "processes", 0),
+        ("FORGE_WORKER_PROCESSES", "4", "processes", 4),
+        ("FORGE_WORKER_DATABASE_POOLER", "PgBouncer", "database_pooler", "pgbouncer"),
+        ("FORGE_WORKER_DATABASE_POOLER", "none", "database_pooler", "none"),
+    ],
+)
+def test_processes_and_pooler(var: str, raw: str, attr: str, value: object) -> None:
+    assert getattr(config.load({var: raw}), attr) == value
+    assert config.Settings().processes == 1 and config.Settings().database_pooler == "none"
+
+
+@pytest.mark.parametrize(
+    ("var", "raw"),
+    [
+        ("FORGE_WORKER_PROCESSES", "-1"),
+        ("FORGE_WORKER_PROCESSES", "many"),
+        ("FORGE_WORKER_DATABASE_POOLER", "pgpool"),
+    ],
+)
+def test_bad_processes_and_pooler_name_their_variable(var: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=var):
+        config.load({var: raw})

@@ -87,9 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="consume, validate, upsert, receipt, ack")
     _setting_flags(run)
+    # what ``run --processes N`` tells each of its worker processes (worker.service.supervisor)
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
 
     mig = sub.add_parser("migrate", help="apply pending database migrations and exit")
-    _setting_flags(mig, ("database_url", "log_format"))
+    _setting_flags(mig, ("database_url", "database_pooler", "log_format"))
 
     ins = sub.add_parser("inspect", help="decode and validate a request body or token file offline")
     ins.add_argument("file", metavar="FILE", help="request body or token ('-' for stdin)")

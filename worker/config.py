@@ -93,6 +93,17 @@ def _log_format(raw: str) -> str:
     return raw
 
 
+#: ``FORGE_WORKER_DATABASE_POOLER``: what sits between the worker and Postgres
+POOLERS: Final = ("none", "pgbouncer")
+
+
+def _pooler(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in POOLERS:
+        raise ValueError(f"expected {' or '.join(POOLERS)}, got {raw!r}")
+    return value
+
+
 def _secret(raw: str) -> Secret:
     if not raw.strip():
         raise ValueError("is empty")
@@ -136,6 +147,13 @@ class Settings:
         "upload service database",
         flag=FLAG_URL,
         default="postgresql://postgres@127.0.0.1:5432/postgres",
+    )
+    database_pooler: str = _opt(
+        "DATABASE_POOLER",
+        _pooler,
+        "none (Postgres itself, or a pooler in session mode) or pgbouncer (PgBouncer in "
+        "transaction pooling mode: no named prepared statements)",
+        default="none",
     )
     service_key: Secret | None = _opt(
         "SERVICE_KEY",
@@ -190,6 +208,12 @@ class Settings:
         _flag,
         "allow /provider/add for an account with no customer row",
         default=False,
+    )
+    processes: int = _opt(
+        "PROCESSES",
+        _int_range(0, 256),
+        "worker processes run starts, each a competing consumer (0: one per core)",
+        default=1,
     )
     log_format: str = _opt(
         "LOG_FORMAT", _log_format, "json or console", default_factory=_default_log_format
@@ -292,6 +316,36 @@ def _from_flag(attr: str, rule: str | None, raw: str) -> str:
 
 #: attribute -> the variable's name after the prefix
 _ENV: Final = {f.name: f.metadata["env"] for f in fields(Settings)}
+
+
+def _format(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def process_environ(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a process that is to run on ``settings``: this process's own
+    without any ``FORGE_WORKER_*`` variable, then every setting's (:func:`environ_of`), then
+    ``extra`` (names as given)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
+    env.update(environ_of(settings))
+    env.update(extra)
+    return env
+
+
+def environ_of(settings: Settings) -> dict[str, str]:
+    """The ``FORGE_WORKER_*`` variables that :func:`load` turns back into ``settings``
+    (a setting that is ``None`` has none): how ``run --processes N`` hands its settings,
+    flags included, to its worker processes without putting a secret in their arguments."""
+    out: dict[str, str] = {}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value is not None:
+            out[PREFIX + f.metadata["env"]] = _format(value)
+    return out
 
 
 def load(

@@ -85,6 +85,7 @@ def configure(log_format: str = "json", level: int = logging.INFO) -> None:
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
             foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,  # a worker process's worker and pid
                 structlog.stdlib.add_log_level,
                 structlog.stdlib.add_logger_name,
                 _Timestamp(),

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from prometheus_client.metrics_core import Metric
 
-from worker.service.metrics import Metrics
+from worker.service.metrics import GroupMetrics, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -27,10 +27,12 @@ _SUFFIXES = {
 
 
 def exported_names() -> set[str]:
-    """Every series name the worker's registry can expose."""
+    """Every series name the worker's registry (and a group's supervisor's) can expose."""
     names: set[str] = set()
     family: Metric
-    for family in Metrics().registry.collect():
+    metrics = Metrics()
+    GroupMetrics(metrics.registry)
+    for family in metrics.registry.collect():
         names.update(family.name + s for s in _SUFFIXES[family.type])
     return names
 

@@ -366,6 +366,35 @@ async def db_counts(dsn: str) -> DbCounts:
         await conn.close()
 
 
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET ``path`` on 127.0.0.1:``port``: the status and the body."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the series ``name`` with exactly ``labels`` in a Prometheus text
+    exposition, or ``None`` when it is not there."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return None
+
+
 async def readiness(port: int) -> dict[str, Any]:
     """The worker's ``/readyz`` on 127.0.0.1:``port`` as JSON, plus its HTTP ``status``."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
@@ -418,10 +447,13 @@ def worker_env(
 class WorkerProcess:
     """``forge-worker run`` (or another command) in a subprocess, logging to a file."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *args: str) -> None:
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, *args: str, cwd: Path = ROOT
+    ) -> None:
         self.env = dict(env)
         self.log_path = log_path
         self.args = args or ("run",)
+        self.cwd = cwd
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
         self._log: IO[bytes] | None = None
@@ -435,7 +467,7 @@ class WorkerProcess:
             "worker.cli",
             *self.args,
             env=self.env,
-            cwd=ROOT,
+            cwd=self.cwd,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
@@ -477,19 +509,49 @@ class WorkerProcess:
     def events(self, name: str, **fields: object) -> int:
         """How many JSON log lines of this worker (all its runs) have ``event == name`` and
         the given ``fields`` (e.g. ``outcome="duplicate"``)."""
-        count = 0
+        return len(self.find(name, **fields))
+
+    def find(self, name: str, **fields: object) -> list[dict[str, Any]]:
+        """The JSON log lines of this worker (all its runs) with ``event == name`` and the
+        given ``fields``, in order."""
+        found: list[dict[str, Any]] = []
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
-            return 0
+            return found
         for line in text.splitlines():
             if f'"{name}"' not in line:
                 continue
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
                 if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
-                    count += 1
-        return count
+                    found.append(event)
+        return found
+
+    async def wait_events(
+        self,
+        name: str,
+        n: int = 1,
+        *,
+        within: float = 30,
+        after_exit: bool = False,
+        **fields: object,
+    ) -> list[dict[str, Any]]:
+        """Wait until ``n`` log lines match (see :meth:`find`); fails after ``within``
+        seconds, or if the process exits first (unless ``after_exit``: lines of processes
+        it left behind may still come)."""
+
+        async def probe() -> list[dict[str, Any]] | None:
+            found = self.find(name, **fields)
+            if len(found) >= n:
+                return found
+            if not after_exit and self.proc is not None and self.proc.returncode is not None:
+                raise AssertionError(
+                    f"exited with {self.proc.returncode} before {n} {name!r}:\n{self.log_tail()}"
+                )
+            return None
+
+        return await poll_until(probe, within=within, what=f"{n} {name!r} log line(s)")
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -38,9 +38,14 @@ class AuditLog:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, database_url: str) -> AsyncIterator[AuditLog]:
-        """Connect; a database that cannot be reached raises :class:`Unreachable`."""
+        """Connect; a database that cannot be reached raises :class:`Unreachable`.
+
+        No named prepared statements (``statement_cache_size=0``): the URL may name
+        PgBouncer in transaction pooling mode, where the next insert may run on another
+        server connection; an operator's command writes a few rows, so the cache buys
+        nothing anyway."""
         try:
-            conn = await asyncpg.connect(database_url, timeout=10)
+            conn = await asyncpg.connect(database_url, timeout=10, statement_cache_size=0)
         except (OSError, TimeoutError, asyncpg.exceptions.PostgresError) as exc:
             raise Unreachable(f"cannot reach the database: {exc}") from None
         except asyncpg.exceptions.InterfaceError as exc:

@@ -26,6 +26,7 @@ from worker.service.depth import DepthPoller
 from worker.service.http import serve_http
 from worker.service.metrics import Metrics
 from worker.service.resolve import DidResolver
+from worker.service.supervisor import Membership, resolve_processes, supervise
 
 HTTP_HOST: Final = "127.0.0.1"
 #: seconds deliveries may stay pending with none of them settled before the worker stops
@@ -174,23 +175,28 @@ async def _end_stragglers(stragglers: set[asyncio.Future[Any]]) -> None:
 
 async def _migrate(pool: asyncpg.Pool) -> list[store.Migration]:
     try:
-        async with pool.acquire() as conn:
-            try:
-                return await store.migrate(conn)
-            finally:  # the pool does not reset session state (see store.create_pool)
-                await conn.reset()
+        async with pool.acquire() as conn:  # (transaction-level locks: no session to reset)
+            return await store.migrate(conn)
     except store.CONNECTION_ERRORS as exc:
         raise Unreachable(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
 
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings, *, key: ServiceKey | None = None, freeze_heap: bool = False
+    settings: Settings,
+    *,
+    key: ServiceKey | None = None,
+    freeze_heap: bool = False,
+    member: bool = False,
 ) -> AsyncIterator[App]:
     """Start a worker on ``settings`` (migrations, topology, HTTP, consumer) while entered.
 
     With ``freeze_heap`` (the ``run`` command), what start-up allocated is frozen out of the
     cyclic garbage collector's reach just before consuming begins (``_freeze_startup_heap``).
+
+    A ``member`` of a group (``run --processes N``) serves its HTTP endpoints on a free port
+    (its supervisor asks it for its readiness there and serves the group's on
+    ``FORGE_WORKER_HTTP_PORT``) and leaves the queue gauges to the supervisor.
 
     Leaving the block stops consuming, drains in-flight work (bounded by
     ``settings.shutdown_timeout``) and closes everything.
@@ -212,7 +218,7 @@ async def running(
         receipt_queue=settings.receipt_queue,
     )
     async with contextlib.AsyncExitStack() as stack:
-        app.pool = await store.create_pool(settings.database_url)
+        app.pool = await store.create_pool(settings.database_url, pooler=settings.database_pooler)
         stack.push_async_callback(app.pool.close)
         app.health.pool = app.pool
         applied = await _migrate(app.pool)
@@ -227,18 +233,20 @@ async def running(
         await app.broker.declare_topology()
 
         if settings.http_port:
+            port = 0 if member else settings.http_port
             server = await stack.enter_async_context(
-                serve_http(HTTP_HOST, settings.http_port, app.metrics, app.health)
+                serve_http(HTTP_HOST, port, app.metrics, app.health)
             )
             app.http_port = server.port
             log.info("http_serving", host=HTTP_HOST, port=server.port)
         await stack.enter_async_context(
             _stopping_within(_Pruner(app.pool, log), "arrivals_pruner", stragglers)
         )
-        poller = DepthPoller.for_settings(
-            app.broker.connection, settings, app.metrics, interval=DEPTH_POLL_INTERVAL
-        )
-        await stack.enter_async_context(_stopping_within(poller, "depth_poller", stragglers))
+        if not member:
+            poller = DepthPoller.for_settings(
+                app.broker.connection, settings, app.metrics, interval=DEPTH_POLL_INTERVAL
+            )
+            await stack.enter_async_context(_stopping_within(poller, "depth_poller", stragglers))
 
         directory = await stack.enter_async_context(
             DidResolver(
@@ -270,8 +278,12 @@ async def running(
             log.info("worker_stopped", drained=drained)
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then drain and exit 0."""
+async def serve(settings: Settings, member: Membership | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then drain and exit 0.
+
+    A ``member`` of a group (``run --processes N``) tells its supervisor once it consumes,
+    and stops (drains) by itself should its supervisor die.
+    """
     loop = asyncio.get_running_loop()
     started: list[App] = []
     signalled = asyncio.Event()
@@ -285,12 +297,17 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
-        async with running(settings, freeze_heap=True) as app:
+        async with running(settings, freeze_heap=True, member=member is not None) as app:
             started.append(app)
             if signalled.is_set():
                 app.request_stop()
-            await app.stop_requested.wait()
-            logs.get_logger().info("worker_stopping", reason="signal")
+            async with contextlib.AsyncExitStack() as stack:
+                if member is not None:
+                    member.started(app.http_port)
+                    await stack.enter_async_context(member.watching(app.request_stop))
+                await app.stop_requested.wait()
+            reason = "signal" if signalled.is_set() else "supervisor_gone"
+            logs.get_logger().info("worker_stopping", reason=reason)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -322,7 +339,17 @@ def _runner() -> Any:
 
 
 def run_main(args: argparse.Namespace, settings: Settings) -> int:
-    """``forge-worker run``: the worker, until SIGTERM or SIGINT."""
+    """``forge-worker run``: the worker, until SIGTERM or SIGINT; with ``--processes N``
+    (N > 1, or 0 on a machine of several cores) a supervisor of N of them."""
     logs.configure(settings.log_format)
-    result: int = _runner()(serve(settings))
+    index = getattr(args, "worker_index", None)
+    if index is not None:  # one of a group's worker processes (supervisor.py starts them)
+        member = Membership.from_arguments(index, getattr(args, "status_fd", None))
+        member.bind_log_context()
+        result: int = _runner()(serve(settings, member))
+        return result
+    processes = resolve_processes(settings.processes)
+    if processes > 1:
+        return supervise(settings, processes)
+    result = _runner()(serve(settings))
     return result

@@ -6,7 +6,8 @@ than a few kilobytes is dropped, so a stuck scraper cannot tie the worker up.
 
 Readiness is five probes (:class:`Probes`). Every ``/readyz`` and every scrape of
 ``/metrics`` runs them, so ``forge_worker_ready`` and ``forge_worker_ready_check{check}``
-are current whenever Prometheus looks.
+are current whenever Prometheus looks. :func:`serve_endpoints` serves any registry and
+readiness: the supervisor of ``run --processes N`` serves its group's with it.
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ class Probes(Protocol):
         """Deliveries are being settled: none has been pending for long without any of them
         acked or given back (a worker whose ack window is stuck is not ready)."""
         ...
+
+
+class Report(Protocol):
+    """A readiness verdict as ``/readyz`` answers it."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def to_json(self) -> dict[str, object]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +152,11 @@ class _Response:
 
 
 class _App:
-    def __init__(self, metrics: Metrics, probes: Probes) -> None:
-        self.metrics = metrics
-        self.probes = probes
+    def __init__(
+        self, render: Callable[[], bytes], readiness: Callable[[], Awaitable[Report]]
+    ) -> None:
+        self.render = render
+        self.readiness = readiness
 
     async def route(self, method: str, path: str) -> _Response:
         path = path.split("?", 1)[0]
@@ -154,11 +166,11 @@ class _App:
             return _Response(405, b"method not allowed\n")
         if path == "/healthz":
             return _Response(200, b"ok\n")
-        readiness = await check_readiness(self.probes, self.metrics)
+        readiness = await self.readiness()
         if path == "/readyz":
             body = json.dumps(readiness.to_json()).encode() + b"\n"
             return _Response(200 if readiness.ready else 503, body, "application/json")
-        return _Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+        return _Response(200, self.render(), CONTENT_TYPE_LATEST)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -216,11 +228,11 @@ class HttpServer:
     server: asyncio.Server
 
 
-@contextlib.asynccontextmanager
-async def serve_http(
+def serve_http(
     host: str, port: int, metrics: Metrics, probes: Probes
-) -> AsyncIterator[HttpServer]:
-    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` while entered.
+) -> contextlib.AbstractAsyncContextManager[HttpServer]:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` of one worker on ``host:port``
+    while entered.
 
     ``port`` 0 binds a free port (tests); the worker does not call this at all when
     ``FORGE_WORKER_HTTP_PORT`` is 0. Leaving the block stops accepting and closes the
@@ -229,7 +241,27 @@ async def serve_http(
     Raises:
         OSError: the port cannot be bound (in use, no permission).
     """
-    app = _App(metrics, probes)
+
+    async def readiness() -> Report:
+        return await check_readiness(probes, metrics)
+
+    return serve_endpoints(host, port, lambda: generate_latest(metrics.registry), readiness)
+
+
+@contextlib.asynccontextmanager
+async def serve_endpoints(
+    host: str,
+    port: int,
+    render: Callable[[], bytes],
+    readiness: Callable[[], Awaitable[Report]],
+) -> AsyncIterator[HttpServer]:
+    """Serve ``/metrics`` (``render()``, after ``readiness()`` so its gauges are current),
+    ``/healthz`` and ``/readyz`` (``readiness()``) on ``host:port`` while entered.
+
+    Raises:
+        OSError: the port cannot be bound (in use, no permission).
+    """
+    app = _App(render, readiness)
     server = await asyncio.start_server(app.handle, host, port, limit=MAX_HEAD)
     bound = server.sockets[0].getsockname()[1]
     try:

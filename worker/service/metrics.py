@@ -1,4 +1,11 @@
-"""Prometheus metrics of one worker process, on a registry of its own (no module globals)."""
+"""Prometheus metrics of one worker process, on a registry of its own (no module globals),
+and those of a group of worker processes (``run --processes N``).
+
+In a group every worker process writes its metrics to files in the supervisor's
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode) and the supervisor
+serves their sums; a gauge says how its values combine (``multiprocess_mode``). The
+readiness and queue gauges are the supervisor's own (:data:`GROUP_OWNED`).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +34,10 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "forge_worker_in_flight", "Messages consumed and not yet settled", registry=r
+            "forge_worker_in_flight",
+            "Messages consumed and not yet settled",
+            registry=r,
+            multiprocess_mode="livesum",  # a group: the sum over its running processes
         )
         self.receipts_published = Counter(
             "forge_worker_receipts_published",
@@ -75,3 +85,39 @@ class Metrics:
             ["check"],
             registry=r,
         )
+
+
+class GroupMetrics:
+    """What the supervisor of ``run --processes N`` adds about its worker processes."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.processes = Gauge(
+            "forge_worker_processes", "Worker processes the supervisor keeps running", registry=r
+        )
+        self.processes_ready = Gauge(
+            "forge_worker_processes_ready",
+            "Worker processes whose /readyz passed (evaluated on each scrape and /readyz)",
+            registry=r,
+        )
+        self.restarts = Counter(
+            "forge_worker_process_restarts",
+            "Worker processes restarted by the supervisor after they exited",
+            registry=r,
+        )
+
+
+#: metric families a group's supervisor exports itself: its readiness (every process's
+#: checks at once), the queue gauges (polled once for the group) and :class:`GroupMetrics`;
+#: the worker processes' files are read for every other family
+GROUP_OWNED: frozenset[str] = frozenset(
+    {
+        "forge_worker_ready",
+        "forge_worker_ready_check",
+        "forge_worker_queue_depth",
+        "forge_worker_queue_consumers",
+        "forge_worker_processes",
+        "forge_worker_processes_ready",
+        "forge_worker_process_restarts",
+    }
+)

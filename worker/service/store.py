@@ -19,7 +19,7 @@ from worker.config import Settings
 from worker.errors import Unreachable
 
 SCHEMA: Final = "forge_worker"
-#: taken for the whole migration run, so concurrent workers apply each migration once
+#: taken by each migration's transaction, so concurrent workers apply each migration once
 MIGRATION_LOCK: Final = 0x466F726765  # "Forge"
 _MIGRATION_FILE: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_migrations (
 );
 """
 _APPLIED: Final = f"SELECT version FROM {SCHEMA}.schema_migrations"
+_IS_APPLIED: Final = f"SELECT true FROM {SCHEMA}.schema_migrations WHERE version = $1"
 _RECORD: Final = f"INSERT INTO {SCHEMA}.schema_migrations (version, name) VALUES ($1, $2)"
 
 SELECT_RECEIPTS: Final = f"""
@@ -132,36 +133,81 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
     """Apply pending migrations, each in its own transaction, under an advisory lock.
 
     Returns the migrations applied by this call (empty when the database was current).
+
+    The lock is a transaction-level one (``pg_advisory_xact_lock``) taken at the start of
+    each transaction, and every statement runs inside one of those transactions: behind
+    PgBouncer in transaction pooling mode a session-level lock would be taken on one server
+    connection and released (or not) on another, and a statement outside a transaction may
+    run on any of them. A second worker starting at the same moment waits on the lock, then
+    finds the migration recorded and skips it.
     """
     pending = discover(directory)
-    # Session lock, not a transaction lock: it spans several transactions, and a second
-    # worker starting at the same moment waits here, then finds nothing left to apply.
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-    try:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(_CREATE_RECORD)
         applied = {r["version"] for r in await conn.fetch(_APPLIED)}
-        done: list[Migration] = []
-        for mig in pending:
-            if mig.version in applied:
-                continue
-            async with conn.transaction():
-                await conn.execute(mig.path.read_text(encoding="utf-8"))
-                await conn.execute(_RECORD, mig.version, mig.name)
-            done.append(mig)
-        return done
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    done: list[Migration] = []
+    for mig in pending:
+        if mig.version in applied:
+            continue
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            if await conn.fetchval(_IS_APPLIED, mig.version):
+                continue  # another worker applied it while this one waited for the lock
+            await conn.execute(mig.path.read_text(encoding="utf-8"))
+            await conn.execute(_RECORD, mig.version, mig.name)
+        done.append(mig)
+    return done
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """The pool's reset: nothing beyond what asyncpg always does on release (roll back an
     open transaction). Its default also sends ``RESET ALL``, ``UNLISTEN *``, ``CLOSE ALL``
     and unlocks advisory locks: one more round trip for every batch, to undo session state
-    the worker never sets. (Migrations take an advisory lock and reset their connection.)"""
+    the worker never sets (its only locks are transaction-level ones, released at commit).
+    Behind PgBouncer in transaction pooling mode there is no session to reset at all: the
+    next transaction may run on another server connection."""
 
 
-async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
-    """An asyncpg pool; a database that cannot be reached raises :class:`Unreachable`."""
+#: asyncpg's cache of named prepared statements per connection (its default); 0 behind a
+#: transaction pooler, see :func:`statement_cache_size`
+STATEMENT_CACHE: Final = 100
+
+
+def statement_cache_size(pooler: str) -> int:
+    """asyncpg's ``statement_cache_size`` for ``FORGE_WORKER_DATABASE_POOLER``.
+
+    Behind PgBouncer in transaction pooling mode (before 1.21 it knows nothing of prepared
+    statements; Debian 12 ships 1.18) a named statement prepared in one transaction is
+    looked for on whichever server connection runs the next one: "prepared statement
+    __asyncpg_stmt_1__ does not exist". With 0, asyncpg (0.32 here) prepares every
+    statement unnamed and parses it again with its Bind (Parse, Describe, Flush; then
+    Parse, Bind, Execute, Sync), so nothing relies on a statement outliving PgBouncer's
+    transaction. The price: a second round trip, and a parse and plan, a statement.
+    """
+    return 0 if pooler == "pgbouncer" else STATEMENT_CACHE
+
+
+async def connect(database_url: str, *, pooler: str = "none") -> asyncpg.Connection:
+    """One connection (migrations, the operators' tools); :class:`Unreachable` when the
+    database cannot be reached."""
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            database_url, timeout=10, statement_cache_size=statement_cache_size(pooler)
+        )
+    except (*CONNECTION_ERRORS, asyncpg.exceptions.PostgresError) as exc:
+        raise Unreachable(f"cannot reach the database: {_describe(exc)}") from None
+    return conn
+
+
+async def create_pool(
+    database_url: str, *, pooler: str = "none", min_size: int = 1, max_size: int = 8
+) -> asyncpg.Pool:
+    """An asyncpg pool; a database that cannot be reached raises :class:`Unreachable`.
+
+    ``pooler`` is ``FORGE_WORKER_DATABASE_POOLER``: ``pgbouncer`` turns asyncpg's cache of
+    named prepared statements off (:func:`statement_cache_size`).
+    """
     try:
         pool: asyncpg.Pool = await asyncpg.create_pool(
             database_url,
@@ -170,6 +216,7 @@ async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 8
             timeout=10,
             command_timeout=30,
             reset=_keep_session,
+            statement_cache_size=statement_cache_size(pooler),
         )
     except (*CONNECTION_ERRORS, asyncpg.exceptions.InvalidCatalogNameError) as exc:
         raise Unreachable(f"cannot reach the database: {_describe(exc)}") from None
@@ -319,11 +366,8 @@ class DatabaseWatch:
                 await self.watch
 
 
-async def _migrate_once(database_url: str) -> list[Migration]:
-    try:
-        conn = await asyncpg.connect(database_url, timeout=10)
-    except (*CONNECTION_ERRORS, asyncpg.exceptions.PostgresError) as exc:
-        raise Unreachable(f"cannot reach the database: {_describe(exc)}") from None
+async def _migrate_once(database_url: str, pooler: str) -> list[Migration]:
+    conn = await connect(database_url, pooler=pooler)
     try:
         return await migrate(conn)
     finally:
@@ -336,7 +380,7 @@ def migrate_main(args: argparse.Namespace, settings: Settings) -> int:
 
     log.configure(settings.log_format)
     logger = log.get_logger()
-    applied = asyncio.run(_migrate_once(settings.database_url))
+    applied = asyncio.run(_migrate_once(settings.database_url, settings.database_pooler))
     for mig in applied:
         logger.info("migration_applied", version=mig.version, name=mig.name)
     logger.info("migrations_current", applied=len(applied))
