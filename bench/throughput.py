@@ -268,6 +268,8 @@ class WorkerRun:
     mode: str = "supervisor"
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     restarts: int = 0
+    #: more FORGE_WORKER_* settings (e.g. the PLC directory of bench/provision_bench.py)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def argv(self, *args: str) -> list[str]:
         """The worker's command line: ``python -m worker.cli`` or ``python SCRIPT.py``."""
@@ -288,6 +290,7 @@ class WorkerRun:
         )
         env.pop("FORGE_WORKER_SERVICE_KEY_FILE", None)
         env.pop("FORGE_WORKER_SERVICE_DID", None)
+        env.update(self.extra_env)
         return env
 
     def migrate(self) -> None:
