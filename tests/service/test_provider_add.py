@@ -428,3 +428,32 @@ def test_the_vector_keys_are_the_ones_the_index_names() -> None:
     assert SPACE_1.did == keys["vector-space-1"]["did_key"]
     assert Path(GO / "plc.tenant-1.did_document.json").exists()
     assert topology.CONTENT_TYPE == "application/vnd.ipld.dag-cbor"
+
+
+async def test_a_message_names_at_most_sixteen_did_plc_issuers_for_the_directory(
+    app: App, requester_: Requester, directory: StandInDirectory
+) -> None:
+    """A container of many did:plc invocations must not make the worker send the directory
+    a request for each: 16 are resolved, the rest refused by name without a request."""
+    key = _key("secp256k1.tenant-1")
+    dids = [
+        f"did:plc:{'abcdefghijklmnopqrstuvwx'[:22]}{chr(97 + i // 26)}{chr(97 + i % 26)}"
+        for i in range(20)
+    ]
+    invocations = [
+        encode_invocation(
+            key.with_did(did),
+            sub=did,
+            aud=SERVICE.did,
+            cmd=PROVIDER_ADD,
+            args_raw=encode({"consumer": Signer.generate().did, "provider": SERVICE.did}),
+            exp=int(time.time()) + 300,
+        )
+        for did in dids
+    ]
+    _, receipts = await requester_.call(encode_container(invocations))
+    assert len(receipts) == 20
+    assert all(r.error is not None and r.error["name"] == "UnknownError" for r in receipts)
+    capped = [r for r in receipts if "at most 16 did:plc issuers" in str(r.error["message"])]  # type: ignore[index]
+    assert len(capped) == 4
+    assert sum(directory.gets.values()) == 16
