@@ -28,10 +28,9 @@ from worker.produce.client import (
     ReceiptError,
     SignedRequest,
     build_customer_add,
-    load_proofs,
 )
 from worker.produce.offline import check_out, write_request
-from worker.produce.options import check_did, parse_details, write_atomically
+from worker.produce.options import check_did, parse_details, proofs_option, write_atomically
 from worker.ucan import (
     Delegation,
     Signer,
@@ -54,12 +53,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
         service = check_did(args.service, "--service")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    proofs: list[Delegation] = []
-    if args.proof:
-        try:
-            proofs = load_proofs(args.proof)
-        except ProofError as exc:
-            raise ConfigError(f"--proof: {exc}") from None
+    proofs = proofs_option(args.proof)
     # fail before connecting when the proofs cannot authorize the key at all
     try:
         build_customer_add(

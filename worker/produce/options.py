@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import ConfigError
+from worker.produce.invocations import ProofError, load_proofs
 from worker.ucan import (
+    Delegation,
     UcanError,
     parse_policy,
 )
@@ -79,3 +81,17 @@ def write_atomically(path: Path, data: bytes, flag: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise ConfigError(f"{flag}: cannot write {str(path)!r}: {exc.strerror}") from None
+
+
+def proofs_option(path: str | None) -> list[Delegation]:
+    """The delegations of ``--proof FILE`` (none without the flag).
+
+    Raises:
+        ConfigError: the file cannot be read or holds no delegation.
+    """
+    if not path:
+        return []
+    try:
+        return load_proofs(path)
+    except ProofError as exc:
+        raise ConfigError(f"--proof: {exc}") from None

@@ -29,10 +29,9 @@ from worker.produce.client import (
     SpaceInfo,
     build_provider_add,
     build_space_info,
-    load_proofs,
 )
 from worker.produce.offline import check_out, write_request
-from worker.produce.options import check_did, write_atomically
+from worker.produce.options import check_did, proofs_option, write_atomically
 from worker.ucan import Delegation, Signer, UcanError
 
 #: provision's flags that need the broker, refused with ``--out``
@@ -179,12 +178,7 @@ def space_info_main(args: argparse.Namespace, settings: Settings) -> int:
     _check_numbers(args)
     service, space = _dids(args, "service", "space")
     signer = _signer(args)
-    proofs: list[Delegation] = []
-    if args.proof:
-        try:
-            proofs = load_proofs(args.proof)
-        except ProofError as exc:
-            raise ConfigError(f"--proof: {exc}") from None
+    proofs = proofs_option(args.proof)
     # fail before connecting when the key cannot speak for the space at all
     try:
         build_space_info(signer, service, space, proofs=proofs)
